@@ -1,0 +1,417 @@
+"""The SPICE selection loops: exact, stochastic and pooled greedy, with early stopping.
+
+The loops only compare numbers; every gain, conflict and score comes from `spice_trainer.objective`
+(apricot's split between optimizers and functions). The public entry point is `select_from_features`.
+
+Greedy rule (DESIGN.md section 1): pick ``argmax_x Δ_x(S) − λ c_x(S)`` over eligible, unpicked rows;
+ties go to the lowest row index (``torch.argmax`` returns the first maximum).
+
+Early stopping (SPICE+, ``ω`` = ``stop_ratio``): the pick at step ``t`` is evaluated, and if its watched
+quantity (``stop_on="gain"``: ``Δ``, the paper; ``"score"``: ``Δ − λc``) is ``≤ ω · reference`` the run
+stops *without* adding that pick (the paper's "stop at the first step where the gain is ≤ ω · first").
+``reference`` is ``reference_gain`` when given (then the rule applies from the first pick on), else the
+first pick's ``Δ`` of this call (then the rule applies from the second pick on; the first pick is kept).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from spice_trainer.config import SpiceConfig
+from spice_trainer.objective import FisherMethod, SpiceObjective
+from spice_trainer.selection import Selection, StopReason
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["select_from_features"]
+
+
+def select_from_features(
+    features: torch.Tensor,
+    config: SpiceConfig,
+    *,
+    initial: Sequence[int] | None = None,
+    eligible: torch.Tensor | None = None,
+    reference_gain: float | None = None,
+    show_progress: bool = False,
+) -> Selection:
+    """Choose a subset of the rows of ``features`` with the SPICE greedy.
+
+    Maximises ``score_x = Δ_x(S) − λ c_x(S)`` one pick at a time, with
+    ``Δ_x(S) = log(1 + α g_xᵀ (I + α F_S)⁻¹ g_x)`` maintained exactly and incrementally (no ``n × n``
+    kernel) and ``c_x(S) = max(0, −cos(g_x, ḡ_S))``. ``α`` = ``config.fisher_scale``,
+    ``λ`` = ``config.conflict_weight``, ``ω`` = ``config.stop_ratio``. Feature normalisation and loss
+    guards are *not* applied here (the gradient stage and the pipeline do that).
+
+    Regimes (``config.greedy``):
+
+    - ``"exact"``: every pick is the exact argmax over all remaining eligible rows; ``O(n d)`` per pick.
+    - ``"stochastic"``: each pick scores a uniform random sample of ``⌈(n/k) ln(1/ε)⌉`` remaining eligible
+      rows (Mirzasoleiman et al. 2015, ``ε`` = ``config.stochastic_epsilon``, ``n`` = eligible rows,
+      ``k`` = picks to make) directly from the ``d × d`` state, seeded by ``config.seed``; ``O(s d²)`` per pick.
+    - ``"pooled"``: rows are cut in order into pools of ``config.pool_size``; exact greedy makes up to
+      ``config.picks_per_pool`` picks inside each pool, the selected set carried across pools (the
+      paper's streaming regime). Early stopping ends a *pool's* picks (the reference stays the very first
+      pick's gain of the run, or ``reference_gain``) and the stream goes on to the next pool. The result
+      equals running exact greedy on each pool in turn with ``initial`` = everything picked so far.
+
+    Stop reasons: ``"budget"`` (``len(initial) + picks == config.budget_count(n)``), ``"early_stop"``
+    (the rule above fired; for pooled: at least one pool stopped early and the budget was not reached),
+    ``"exhausted"`` (no eligible candidate left, or the stream of pools ran out).
+
+    Zero feature vectors have ``Δ = 0`` and ``c = 0`` (score 0): they are picked only when every other
+    eligible row scores ``≤ 0``, and once one would be picked, early stopping (any ``ω ≥ 0``) ends the run.
+
+    Args:
+        features: ``(n, d)`` float32/float64/bfloat16/float16 features, on CPU or CUDA; all the work stays
+            on ``features.device`` (state in float64).
+        config: uses ``budget``, ``fisher_scale``, ``conflict_weight``, ``stop_ratio``, ``stop_on``, ``greedy``,
+            ``stochastic_epsilon``, ``pool_size``, ``picks_per_pool``, ``seed``.
+        initial: rows already selected (mode ``"grow"``), inserted into ``S`` first in the given order; they
+            are never re-picked, not recorded as picks, and count towards the budget (if they already fill
+            it, nothing is picked and the stop reason is ``"budget"``).
+        eligible: ``(n,)`` bool mask of rows that may be picked; rows with non-finite features are never
+            eligible.
+        reference_gain: base of early stopping; ``None`` = the first pick's ``Δ`` of this call.
+        show_progress: show a tqdm bar over the picks.
+
+    Returns:
+        A `Selection`; ``metadata`` holds ``seconds``, ``greedy``, ``method`` (``"primal"``/``"dual"``),
+        ``reference_gain`` (the value used), ``n_eligible`` and regime details.
+
+    Raises:
+        TypeError: ``features`` is not a floating tensor, or ``eligible`` is not a bool tensor.
+        ValueError: ``features`` is not 2-D or is empty, every row is non-finite, the budget exceeds ``n``,
+            ``initial`` has out-of-range, duplicated or non-finite rows, ``eligible`` has the wrong shape.
+    """
+    start = time.perf_counter()
+    feats = _check_features(features)
+    n = feats.shape[0]
+    budget = config.budget_count(n)
+    finite = torch.isfinite(feats).all(dim=1)
+    n_finite = int(finite.sum())
+    if n_finite == 0:
+        raise ValueError(
+            f"every row of features ({n} rows) has a NaN or inf entry; nothing can be selected. "
+            "Check the gradient pass (e.g. a diverged model or a loss of inf)"
+        )
+    skipped = (~finite).nonzero().flatten().tolist() if n_finite < n else []
+    # Zero the non-finite rows so that no matmul propagates NaN; they are never eligible.
+    clean = feats if not skipped else torch.where(finite.unsqueeze(1), feats, torch.zeros((), dtype=feats.dtype))
+    init = _check_initial(initial, n, skipped)
+    mask = finite.clone()
+    if eligible is not None:
+        mask &= _check_eligible(eligible, n, feats.device)
+    if init:
+        mask[torch.tensor(init, device=feats.device)] = False
+    n_eligible = int(mask.sum())
+    if skipped:
+        logger.warning("spice: %d of %d rows have non-finite features; they are never picked", len(skipped), n)
+
+    to_pick = max(0, budget - len(init))
+    capacity = len(init) + to_pick
+    run = _Run(conflict_weight=config.conflict_weight, stop_ratio=config.stop_ratio, stop_on=config.stop_on)
+    run.reference = reference_gain
+    run.reference_given = reference_gain is not None
+    metadata: dict[str, Any] = {"greedy": config.greedy, "n_eligible": n_eligible, "budget": budget}
+
+    # Exact greedy keeps every row's gain incrementally; stochastic evaluates samples from the d × d state
+    # (primal); pooled tracks one pool at a time.
+    method: FisherMethod = "primal" if config.greedy == "stochastic" else "auto"
+    objective = SpiceObjective(
+        clean, config.fisher_scale, capacity=capacity, method=method, track_rows=config.greedy == "exact"
+    )
+    for row in init:
+        objective.add(clean[row])
+    run.initial_logdet = objective.logdet
+    progress = _progress(to_pick, show_progress)
+    reason: StopReason
+    try:
+        if config.greedy == "exact":
+            reason = _greedy_block(objective, mask, to_pick, n_eligible, run, offset=0, progress=progress)
+        elif config.greedy == "stochastic":
+            reason, sample_size = _stochastic(objective, mask, to_pick, n_eligible, run, config, progress)
+            metadata["sample_size"] = sample_size
+        else:
+            reason, pools, stopped = _pooled(objective, mask, to_pick, run, config, progress)
+            metadata["pools_visited"] = pools
+            metadata["pools_stopped_early"] = stopped
+    finally:
+        if progress is not None:
+            progress.close()
+    if to_pick == 0:
+        reason = "budget"
+
+    indices = run.indices
+    gains = torch.stack(run.gains).tolist() if indices else []
+    conflicts = torch.stack(run.conflicts).tolist() if indices else []
+    picked_rows = torch.tensor(indices, device=feats.device, dtype=torch.long)
+    base = objective.base_gains_at(picked_rows).tolist() if indices else []
+    lam = config.conflict_weight
+    cumulative = np.cumsum([run.initial_logdet, *gains])[1:].tolist()
+    metadata["method"] = objective.method
+    metadata["reference_gain"] = run.reference
+    metadata["initial_objective"] = run.initial_logdet
+    metadata["seconds"] = time.perf_counter() - start
+    selection = Selection(
+        indices=list(indices),
+        gains=gains,
+        base_gains=base,
+        interactions=[g - b for g, b in zip(gains, base, strict=True)],
+        conflicts=conflicts,
+        scores=[g - lam * c for g, c in zip(gains, conflicts, strict=True)],
+        objective=cumulative,
+        stop_reason=reason,
+        n_candidates=n,
+        skipped=skipped,
+        initial=init,
+        config=config.to_dict(),
+        metadata=metadata,
+    )
+    logger.info(
+        "spice: picked %d (+%d initial) of %d in %.2fs, stop=%s",
+        len(indices),
+        len(init),
+        n,
+        metadata["seconds"],
+        reason,
+    )
+    return selection
+
+
+# ---------------------------------------------------------------------------------------------
+# loops
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """The picks recorded so far and the early-stopping state, shared by the loops."""
+
+    conflict_weight: float
+    stop_ratio: float | None
+    stop_on: str
+    reference: float | None = None
+    reference_given: bool = False
+    initial_logdet: float = 0.0
+    indices: list[int] = field(default_factory=list)
+    gains: list[torch.Tensor] = field(default_factory=list)
+    conflicts: list[torch.Tensor] = field(default_factory=list)
+
+    def should_stop(self, gain: float, score: float) -> bool:
+        """The SPICE+ rule for a candidate pick (see the module docstring); sets the reference on first use."""
+        if self.reference is None:
+            self.reference = gain  # the first pick defines the reference and is kept
+            return False
+        if self.stop_ratio is None:
+            return False
+        watched = gain if self.stop_on == "gain" else score
+        return watched <= self.stop_ratio * self.reference
+
+    def record(self, row: int, gain: torch.Tensor, conflict: torch.Tensor) -> None:
+        self.indices.append(row)
+        self.gains.append(gain)
+        self.conflicts.append(conflict)
+
+
+def _greedy_block(
+    objective: SpiceObjective,
+    mask: torch.Tensor,
+    quota: int,
+    remaining: int,
+    run: _Run,
+    *,
+    offset: int,
+    progress: Any,
+) -> StopReason:
+    """Exact greedy over the rows the objective tracks (all rows, or a pool starting at row ``offset``).
+
+    ``mask: (m,)`` marks the tracked rows still available (updated in place); ``remaining`` is its count.
+    """
+    for _ in range(quota):
+        if remaining == 0:
+            return "exhausted"
+        gains, conflicts, scores = objective.scores(run.conflict_weight)
+        scores = scores.masked_fill(~mask, -math.inf)
+        j = torch.argmax(scores)
+        pos, gain, score = torch.stack([j.to(scores.dtype), gains[j], scores[j]]).tolist()  # one sync per pick
+        local = int(pos)
+        if run.should_stop(gain, score):
+            return "early_stop"
+        row = offset + local
+        objective.add(objective.features[row])
+        mask[local] = False
+        remaining -= 1
+        run.record(row, gains[j], conflicts[j])
+        if progress is not None:
+            progress.update(1)
+    return "budget"
+
+
+def _stochastic(
+    objective: SpiceObjective,
+    mask: torch.Tensor,
+    to_pick: int,
+    n_eligible: int,
+    run: _Run,
+    config: SpiceConfig,
+    progress: Any,
+) -> tuple[StopReason, int]:
+    """Stochastic ("lazier than lazy") greedy: each pick is the best of a random sample of candidates."""
+    if to_pick == 0 or n_eligible == 0:
+        return ("budget" if to_pick == 0 else "exhausted"), 0
+    sample_size = max(1, math.ceil(n_eligible / to_pick * math.log(1.0 / config.stochastic_epsilon)))
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    # Remaining candidates with O(1) removal (swap with the last) so a pick never costs O(n) on the host.
+    remaining = mask.nonzero().flatten().cpu().numpy().astype(np.int64)
+    position = np.full(mask.shape[0], -1, dtype=np.int64)
+    position[remaining] = np.arange(remaining.shape[0])
+    size = remaining.shape[0]
+    device = objective.features.device
+    for _ in range(to_pick):
+        if size == 0:
+            return "exhausted", sample_size
+        if sample_size >= size:
+            chosen = np.sort(remaining[:size])
+        else:
+            chosen = np.sort(remaining[_sample_positions(size, sample_size, generator)])
+        rows = torch.from_numpy(chosen).to(device)
+        gains, conflicts, scores = objective.scores_at(rows, run.conflict_weight)
+        j = torch.argmax(scores)
+        pos, gain, score = torch.stack([j.to(scores.dtype), gains[j], scores[j]]).tolist()
+        row = int(chosen[int(pos)])
+        if run.should_stop(gain, score):
+            return "early_stop", sample_size
+        objective.add(objective.features[row])
+        last = remaining[size - 1]
+        at = position[row]
+        remaining[at] = last
+        position[last] = at
+        position[row] = -1
+        size -= 1
+        run.record(row, gains[j], conflicts[j])
+        if progress is not None:
+            progress.update(1)
+    return "budget", sample_size
+
+
+def _sample_positions(size: int, count: int, generator: torch.Generator) -> np.ndarray:
+    """``count`` distinct positions in ``[0, size)``, uniformly at random (rejection of repeats)."""
+    seen: dict[int, None] = {}
+    while len(seen) < count:
+        draw = torch.randint(size, (2 * (count - len(seen)),), generator=generator).tolist()
+        for value in draw:
+            seen.setdefault(value)
+            if len(seen) == count:
+                break
+    return np.fromiter(seen, dtype=np.int64, count=count)
+
+
+def _pooled(
+    objective: SpiceObjective,
+    mask: torch.Tensor,
+    to_pick: int,
+    run: _Run,
+    config: SpiceConfig,
+    progress: Any,
+) -> tuple[StopReason, int, int]:
+    """The paper's stream: exact greedy inside consecutive pools, the selected set carried along."""
+    n = mask.shape[0]
+    device = mask.device
+    picked = 0
+    pools = 0
+    stopped = 0
+    for begin in range(0, n, config.pool_size):
+        if picked >= to_pick:
+            break
+        rows = torch.arange(begin, min(begin + config.pool_size, n), device=device)
+        pool_mask = mask[rows].clone()
+        available = int(pool_mask.sum())
+        pools += 1
+        if available == 0:
+            continue
+        objective.restrict(rows)
+        quota = min(config.picks_per_pool, to_pick - picked)
+        before = len(run.indices)
+        reason = _greedy_block(objective, pool_mask, quota, available, run, offset=begin, progress=progress)
+        picked += len(run.indices) - before
+        stopped += reason == "early_stop"
+    if picked >= to_pick:
+        return "budget", pools, stopped
+    return ("early_stop" if stopped else "exhausted"), pools, stopped
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_features(features: Any) -> torch.Tensor:
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(
+            f"features must be a torch.Tensor of shape (n, d), got {type(features).__name__}; "
+            "wrap arrays with torch.as_tensor(...)"
+        )
+    if not features.is_floating_point():
+        raise TypeError(
+            f"features must be a floating tensor (float32/float64/bfloat16), got dtype {features.dtype}; "
+            "convert with features.float()"
+        )
+    if features.ndim != 2:
+        raise ValueError(
+            f"features must be 2-D (n, d), got shape {tuple(features.shape)}; "
+            "use features.reshape(n, -1) or features.unsqueeze(0) for a single row"
+        )
+    n, d = features.shape
+    if n == 0 or d == 0:
+        raise ValueError(f"features is empty (shape {(n, d)}); there must be at least one row and one column")
+    return features
+
+
+def _check_initial(initial: Sequence[int] | None, n: int, skipped: list[int]) -> list[int]:
+    if initial is None:
+        return []
+    if isinstance(initial, torch.Tensor):
+        initial = initial.flatten().tolist()
+    rows: list[int] = []
+    for value in initial:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"initial must hold row indices (ints), got {value!r}")
+        rows.append(int(value))
+    bad = [r for r in rows if not 0 <= r < n]
+    if bad:
+        raise ValueError(f"initial has row indices outside [0, {n}): {bad[:10]}; pass indices into features")
+    if len(set(rows)) != len(rows):
+        dupes = sorted({r for r in rows if rows.count(r) > 1})
+        raise ValueError(f"initial has duplicated rows {dupes[:10]}; each row can be selected once")
+    bad_finite = sorted(set(rows) & set(skipped))
+    if bad_finite:
+        raise ValueError(
+            f"initial rows {bad_finite[:10]} have non-finite features; drop them from initial or recompute features"
+        )
+    return rows
+
+
+def _check_eligible(eligible: Any, n: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(eligible, torch.Tensor) or eligible.dtype != torch.bool:
+        got = f"a tensor of dtype {eligible.dtype}" if isinstance(eligible, torch.Tensor) else type(eligible).__name__
+        raise TypeError(f"eligible must be a bool torch.Tensor of shape ({n},), got {got}; use mask.bool()")
+    if tuple(eligible.shape) != (n,):
+        raise ValueError(f"eligible must have shape ({n},) (one flag per feature row), got {tuple(eligible.shape)}")
+    return eligible.to(device)
+
+
+def _progress(total: int, show: bool) -> Any:
+    if not show or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="spice greedy", unit="pick")

@@ -1,0 +1,173 @@
+"""`Selection`: what a SPICE greedy run chose, and the numbers that explain why.
+
+Per pick ``t`` (DESIGN.md section 1): the gain ``Δ_t = Δ_{x_t}(S_{t−1})``, its base term
+``b_t = log(1 + α‖g_{x_t}‖²)``, the interaction ``ε_t = Δ_t − b_t ≤ 0``, the conflict ``c_t`` and the
+score ``Δ_t − λ c_t``; and the cumulative utility ``log det(I + α F_{S_t})`` (initial rows included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+StopReason = Literal["budget", "early_stop", "exhausted"]
+
+_FLOAT_LISTS = ("gains", "base_gains", "interactions", "conflicts", "scores", "objective")
+
+
+@dataclass
+class Selection:
+    """The result of one selection round.
+
+    Attributes:
+        indices: picked rows in pick order (``initial`` rows are not repeated here).
+        gains: ``Δ`` per pick, the information gain ``log(1 + α g_xᵀ(I + αF_S)⁻¹g_x)``.
+        base_gains: ``b`` per pick, ``log(1 + α‖g_x‖²)`` (the example alone).
+        interactions: ``ε = Δ − b ≤ 0`` per pick (what the selected set already explained).
+        conflicts: ``c = max(0, −cos(g_x, ḡ_S))`` per pick.
+        scores: ``Δ − λ c`` per pick (what the greedy maximised).
+        objective: cumulative ``log det(I + α F_S)`` after each pick, counting ``initial``.
+        stop_reason: ``"budget"`` (the budget was reached), ``"early_stop"`` (the watched gain fell to
+            ``≤ ω ×`` the reference) or ``"exhausted"`` (no eligible candidate was left).
+        n_candidates: rows in the pool (``n``).
+        skipped: rows with non-finite features, never picked.
+        initial: rows that were already selected before this round (mode ``"grow"``).
+        config: ``SpiceConfig.to_dict()`` of the run.
+        metadata: free-form facts (round, step, seconds, method, reference gain, ...).
+    """
+
+    indices: list[int] = field(default_factory=list)
+    gains: list[float] = field(default_factory=list)
+    base_gains: list[float] = field(default_factory=list)
+    interactions: list[float] = field(default_factory=list)
+    conflicts: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    objective: list[float] = field(default_factory=list)
+    stop_reason: StopReason = "budget"
+    n_candidates: int = 0
+    skipped: list[int] = field(default_factory=list)
+    initial: list[int] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        k = len(self.indices)
+        for name in _FLOAT_LISTS:
+            if len(getattr(self, name)) != k:
+                raise ValueError(
+                    f"Selection.{name} has {len(getattr(self, name))} entries but there are {k} picks; "
+                    "every per-pick list must have one entry per index"
+                )
+        if self.stop_reason not in ("budget", "early_stop", "exhausted"):
+            raise ValueError(f"stop_reason must be 'budget', 'early_stop' or 'exhausted', got {self.stop_reason!r}")
+
+    def __len__(self) -> int:
+        """Number of rows picked in this round (``initial`` not counted)."""
+        return len(self.indices)
+
+    @property
+    def selected(self) -> list[int]:
+        """Every selected row: ``initial`` followed by this round's picks."""
+        return [*self.initial, *self.indices]
+
+    # --- persistence -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-friendly fields (lists, numbers, strings)."""
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the selection as JSON (floats as their shortest round-trip repr, so `load` is exact)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Selection:
+        """Read a selection written by `save`."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: not a Selection file, unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    def summary(self) -> str:
+        """A short human-readable block: size, stop reason, gain decay, conflicts, utility."""
+        k = len(self.indices)
+        lines = [
+            f"SPICE selection: {k} picked + {len(self.initial)} initial of {self.n_candidates} candidates "
+            f"(stop: {self.stop_reason})",
+        ]
+        if self.skipped:
+            lines.append(f"  skipped (non-finite features): {len(self.skipped)}")
+        if k:
+            mean_c = sum(self.conflicts) / k
+            nonzero = sum(1 for c in self.conflicts if c > 0)
+            lines += [
+                f"  gain Δ: first {self.gains[0]:.4g}, last {self.gains[-1]:.4g} "
+                f"(last/first {_ratio(self.gains[-1], self.gains[0])})",
+                f"  base b: first {self.base_gains[0]:.4g}, last {self.base_gains[-1]:.4g}; "
+                f"interaction ε: min {min(self.interactions):.4g}",
+                f"  conflict c: mean {mean_c:.4g}, max {max(self.conflicts):.4g}, non-zero {nonzero}/{k}",
+                f"  score Δ−λc: first {self.scores[0]:.4g}, last {self.scores[-1]:.4g}",
+                f"  log det(I + αF_S): {self.objective[-1]:.6g}",
+            ]
+        cfg = self.config
+        if cfg:
+            lines.append(
+                "  config: "
+                + ", ".join(
+                    f"{key}={cfg[key]!r}"
+                    for key in ("budget", "fisher_scale", "conflict_weight", "stop_ratio", "stop_on", "greedy")
+                    if key in cfg
+                )
+            )
+        if "seconds" in self.metadata:
+            lines.append(f"  seconds: {self.metadata['seconds']:.3g}")
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> None:
+        """Save a PNG: gain decay (Δ, b, ε), cumulative information, and conflict per pick.
+
+        Raises:
+            ImportError: when matplotlib is missing (``pip install 'spice-trainer[plot]'``).
+        """
+        try:
+            # The object-oriented API (no pyplot): no global backend switch, no figure registry.
+            from matplotlib.figure import Figure
+        except ImportError as err:
+            raise ImportError("Selection.plot needs matplotlib: pip install 'spice-trainer[plot]'") from err
+        steps = list(range(1, len(self.indices) + 1))
+        fig = Figure(figsize=(15, 4))
+        axes = fig.subplots(1, 3)
+        ax = axes[0]
+        ax.plot(steps, self.gains, label="gain Δ")
+        ax.plot(steps, self.base_gains, label="base b", alpha=0.7)
+        ax.plot(steps, self.interactions, label="interaction ε", alpha=0.7)
+        ax.plot(steps, self.scores, label="score Δ−λc", linestyle="--", alpha=0.7)
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set_xlabel("pick")
+        ax.set_title(f"gain decay (stop: {self.stop_reason})")
+        ax.legend()
+        axes[1].plot(steps, self.objective)
+        axes[1].set_xlabel("pick")
+        axes[1].set_title("log det(I + αF_S)")
+        axes[2].plot(steps, self.conflicts, color="tab:red")
+        axes[2].set_xlabel("pick")
+        axes[2].set_title("conflict c")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png", dpi=100)
+
+
+def _ratio(a: float, b: float) -> str:
+    if b == 0 or not math.isfinite(a) or not math.isfinite(b):
+        return "n/a"
+    return f"{a / b:.3g}"

@@ -1,0 +1,398 @@
+"""The greedy loops against a brute-force SPICE greedy written from the definitions (logdet, mean, cos)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spice_trainer.config import SpiceConfig
+from spice_trainer.greedy import select_from_features
+from spice_trainer.objective import CONFLICT_ETA
+
+
+def _features(n: int, d: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _cfg(**changes: object) -> SpiceConfig:
+    base: dict[str, object] = {"fisher_scale": 1.0, "conflict_weight": 0.1, "stop_ratio": None, "greedy": "exact"}
+    base.update(changes)
+    return SpiceConfig(**base)  # type: ignore[arg-type]
+
+
+def _logdet(feats: torch.Tensor, rows: list[int], alpha: float) -> float:
+    d = feats.shape[1]
+    g = feats[rows].double()
+    return float(torch.logdet(torch.eye(d, dtype=torch.float64) + alpha * g.T @ g))
+
+
+def _brute_force(
+    feats: torch.Tensor,
+    k: int,
+    alpha: float,
+    lam: float,
+    *,
+    initial: tuple[int, ...] = (),
+    eligible: list[bool] | None = None,
+) -> tuple[list[int], list[float], list[float]]:
+    """Greedy on Δ − λc with every quantity recomputed from scratch; ties → lowest index."""
+    feats = feats.double()
+    n = feats.shape[0]
+    selected = list(initial)
+    picks: list[int] = []
+    gains: list[float] = []
+    conflicts: list[float] = []
+    while len(selected) < k:
+        base = _logdet(feats, selected, alpha)
+        best: tuple[float, int, float, float] | None = None
+        for x in range(n):
+            if x in selected or (eligible is not None and not eligible[x]):
+                continue
+            gain = _logdet(feats, [*selected, x], alpha) - base
+            if selected:
+                mean = feats[selected].mean(dim=0)
+                g = feats[x]
+                cos = float(g @ mean) / (float(g.norm()) * float(mean.norm()) + CONFLICT_ETA)
+                conflict = max(0.0, -cos)
+            else:
+                conflict = 0.0
+            score = gain - lam * conflict
+            if best is None or score > best[0]:
+                best = (score, x, gain, conflict)
+        if best is None:
+            break
+        selected.append(best[1])
+        picks.append(best[1])
+        gains.append(best[2])
+        conflicts.append(best[3])
+    return picks, gains, conflicts
+
+
+# --- exactness ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "k", "lam", "alpha"),
+    [
+        (40, 6, 15, 0.1, 1.0),  # k > d: primal
+        (40, 12, 8, 0.5, 0.5),  # k < d: dual
+        (30, 5, 12, 0.0, 1.0),  # λ = 0: plain log-det greedy
+        (30, 16, 10, 0.0, 2.0),  # λ = 0, dual
+    ],
+)
+def test_every_pick_is_the_brute_force_argmax(n: int, d: int, k: int, lam: float, alpha: float) -> None:
+    feats = _features(n, d, seed=n + d + k)
+    # Shift some rows against the mean so that the conflict term actually changes picks.
+    feats[::3] *= -0.7
+    sel = select_from_features(feats, _cfg(budget=k, conflict_weight=lam, fisher_scale=alpha))
+    picks, gains, conflicts = _brute_force(feats, k, alpha, lam)
+    assert sel.indices == picks
+    assert sel.metadata["method"] == ("dual" if k < d else "primal")
+    assert sel.gains == pytest.approx(gains, rel=1e-9, abs=1e-12)
+    assert sel.conflicts == pytest.approx(conflicts, rel=1e-9, abs=1e-12)
+    assert sel.scores == pytest.approx([g - lam * c for g, c in zip(gains, conflicts, strict=True)], abs=1e-10)
+    for t in range(k):
+        assert sel.objective[t] == pytest.approx(_logdet(feats, picks[: t + 1], alpha), rel=1e-10)
+        b = math.log1p(alpha * float(feats[picks[t]].double().square().sum()))
+        assert sel.base_gains[t] == pytest.approx(b, rel=1e-12)
+        assert sel.interactions[t] == pytest.approx(gains[t] - b, abs=1e-9)
+        assert sel.interactions[t] <= 1e-12
+    assert sel.stop_reason == "budget"
+
+
+def test_conflict_weight_changes_picks_on_opposing_rows() -> None:
+    """A sanity check that λ matters: rows opposing the mean are penalised relative to λ = 0."""
+    feats = _features(60, 4, seed=7)
+    feats[:, 0] += 1.5  # a shared direction
+    feats[::4, 0] -= 4.0  # rows pointing against it, with large norms
+    plain = select_from_features(feats, _cfg(budget=20, conflict_weight=0.0))
+    spice = select_from_features(feats, _cfg(budget=20, conflict_weight=2.0))
+    assert plain.indices != spice.indices
+    assert spice.indices == _brute_force(feats, 20, 1.0, 2.0)[0]
+    assert sum(spice.conflicts) < sum(plain.conflicts)
+
+
+def test_ties_go_to_the_lowest_index() -> None:
+    feats = torch.zeros(6, 3, dtype=torch.float64)
+    feats[[1, 4], 0] = 1.0  # identical rows: equal gains, no conflict
+    feats[[2, 5], 1] = 1.0
+    sel = select_from_features(feats, _cfg(budget=2))
+    assert sel.indices == [1, 2]
+
+
+# --- initial, eligible, non-finite --------------------------------------------------------------
+
+
+def test_initial_rows_enter_first_and_count_towards_budget() -> None:
+    feats = _features(25, 6, seed=11)
+    sel = select_from_features(feats, _cfg(budget=9), initial=[4, 17, 2])
+    picks, gains, _ = _brute_force(feats, 9, 1.0, 0.1, initial=(4, 17, 2))
+    assert sel.indices == picks and len(sel) == 6
+    assert sel.selected == [4, 17, 2, *picks]
+    assert not set(sel.indices) & {4, 17, 2}
+    assert sel.gains == pytest.approx(gains, rel=1e-9)
+    assert sel.metadata["initial_objective"] == pytest.approx(_logdet(feats, [4, 17, 2], 1.0), rel=1e-10)
+    assert sel.objective[-1] == pytest.approx(_logdet(feats, sel.selected, 1.0), rel=1e-10)
+
+
+def test_initial_filling_the_budget_picks_nothing() -> None:
+    sel = select_from_features(_features(10, 3, seed=0), _cfg(budget=2), initial=[0, 1, 2])
+    assert sel.indices == [] and sel.stop_reason == "budget" and sel.initial == [0, 1, 2]
+
+
+def test_eligible_mask_is_respected() -> None:
+    feats = _features(30, 5, seed=12)
+    mask = torch.ones(30, dtype=torch.bool)
+    mask[::2] = False
+    sel = select_from_features(feats, _cfg(budget=8), eligible=mask)
+    assert sel.indices == _brute_force(feats, 8, 1.0, 0.1, eligible=mask.tolist())[0]
+    assert all(i % 2 == 1 for i in sel.indices)
+
+
+def test_exhausted_when_no_eligible_row_is_left() -> None:
+    feats = _features(10, 3, seed=0)
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[3, 7]] = True
+    sel = select_from_features(feats, _cfg(budget=5), eligible=mask)
+    assert sorted(sel.indices) == [3, 7] and sel.stop_reason == "exhausted"
+
+
+def test_non_finite_rows_are_skipped_and_reported() -> None:
+    feats = _features(20, 4, seed=13)
+    feats[3, 1] = float("nan")
+    feats[8, 0] = float("inf")
+    feats[3] *= 100  # would dominate if it were considered
+    sel = select_from_features(feats, _cfg(budget=19))
+    assert sel.skipped == [3, 8]
+    assert 3 not in sel.indices and 8 not in sel.indices
+    assert sel.stop_reason == "exhausted" and len(sel) == 18
+    clean = feats.clone()
+    clean[[3, 8]] = 0.0
+    mask = [i not in (3, 8) for i in range(20)]
+    assert sel.indices == _brute_force(clean, 18, 1.0, 0.1, eligible=mask)[0]
+
+
+def test_zero_vectors_come_last_and_early_stopping_ends_the_run() -> None:
+    feats = torch.zeros(8, 8, dtype=torch.float64)
+    feats[0, 0], feats[1, 1], feats[2, 2] = 2.0, 1.5, 1.0
+    sel = select_from_features(feats, _cfg(budget=6))
+    assert sel.indices[:3] == [0, 1, 2] and sel.gains[3:] == [0.0, 0.0, 0.0]
+    stopped = select_from_features(feats, _cfg(budget=6, stop_ratio=0.0))
+    assert stopped.indices == [0, 1, 2] and stopped.stop_reason == "early_stop"
+
+
+# --- early stopping -----------------------------------------------------------------------------
+
+
+def _orthogonal(gains: list[float], d: int) -> torch.Tensor:
+    """Rows a_i e_i: Δ_i = log(1 + a_i²) whatever S is (orthogonal), and c = 0."""
+    feats = torch.zeros(len(gains), d, dtype=torch.float64)
+    for i, gain in enumerate(gains):
+        feats[i, i] = math.sqrt(math.expm1(gain))
+    return feats
+
+
+def test_early_stop_fires_at_the_first_gain_below_the_ratio() -> None:
+    # Gains 2, 1.5, 1.2, 0.99, ... with ω = 0.5: the threshold is 1.0, so the fourth pick is refused.
+    gains = [2.0, 1.5, 1.2, 0.99, 0.9, 0.5]
+    feats = _orthogonal(gains, 8)
+    sel = select_from_features(feats, _cfg(budget=6, stop_ratio=0.5))
+    assert sel.indices == [0, 1, 2]
+    assert sel.gains == pytest.approx(gains[:3], rel=1e-12)
+    assert sel.stop_reason == "early_stop"
+    assert sel.metadata["reference_gain"] == pytest.approx(2.0)
+    # With an outside reference the rule applies from the first pick: 0.5 × 2.5 = 1.25 refuses the 1.2.
+    ref = select_from_features(feats, _cfg(budget=6, stop_ratio=0.5), reference_gain=2.5)
+    assert ref.indices == [0, 1] and ref.stop_reason == "early_stop"
+    # A reference so large that even the first pick fails: nothing is added.
+    none = select_from_features(feats, _cfg(budget=6, stop_ratio=0.5), reference_gain=10.0)
+    assert none.indices == [] and none.stop_reason == "early_stop"
+    # Budget reached before the rule fires.
+    assert select_from_features(feats, _cfg(budget=3, stop_ratio=0.5)).stop_reason == "budget"
+
+
+@pytest.mark.parametrize("stop_on", ["gain", "score"])
+def test_early_stop_follows_the_watched_quantity(stop_on: str) -> None:
+    feats = _features(80, 6, seed=21)
+    feats[::2] *= -1.0
+    feats[::5] *= 0.3
+    lam = 0.5
+    full = select_from_features(feats, _cfg(budget=40, conflict_weight=lam))
+    watched = full.gains if stop_on == "gain" else full.scores
+    ref = full.gains[0]
+    for omega in (0.05, 0.1, 0.2, 0.4):
+        # The rule, applied by hand to the unstopped run: first t ≥ 2 whose watched value is ≤ ω · Δ_1.
+        expected = next((t for t in range(1, 40) if watched[t] <= omega * ref), 40)
+        sel = select_from_features(feats, _cfg(budget=40, conflict_weight=lam, stop_ratio=omega, stop_on=stop_on))
+        assert sel.indices == full.indices[:expected], omega
+        assert sel.stop_reason == ("early_stop" if expected < 40 else "budget")
+
+
+def test_score_and_gain_modes_differ_when_conflicts_matter() -> None:
+    feats = _features(80, 6, seed=21)
+    feats[::2] *= -1.0
+    feats[::5] *= 0.3
+    full = select_from_features(feats, _cfg(budget=40, conflict_weight=0.5))
+    ref = full.gains[0]
+
+    def stop_step(values: list[float], omega: float) -> int:
+        return next((t for t in range(1, 40) if values[t] <= omega * ref), 40)
+
+    # An ω at which the two rules stop at different steps (the score falls below first).
+    omega = next(w for w in (x / 200 for x in range(1, 200)) if stop_step(full.scores, w) < stop_step(full.gains, w))
+    by_gain = select_from_features(feats, _cfg(budget=40, conflict_weight=0.5, stop_ratio=omega, stop_on="gain"))
+    by_score = select_from_features(feats, _cfg(budget=40, conflict_weight=0.5, stop_ratio=omega, stop_on="score"))
+    assert len(by_gain) == stop_step(full.gains, omega)
+    assert len(by_score) == stop_step(full.scores, omega) < len(by_gain)
+
+
+# --- regimes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop_ratio", [None, 0.35])
+def test_pooled_equals_exact_greedy_on_each_pool_in_turn(stop_ratio: float | None) -> None:
+    feats = _features(130, 6, seed=31)
+    cfg = _cfg(greedy="pooled", pool_size=20, picks_per_pool=4, budget=22, stop_ratio=stop_ratio)
+    sel = select_from_features(feats, cfg)
+    picked: list[int] = []
+    reference: float | None = None
+    stopped = 0
+    for begin in range(0, 130, 20):
+        if len(picked) >= 22:
+            break
+        mask = torch.zeros(130, dtype=torch.bool)
+        mask[begin : begin + 20] = True
+        quota = min(4, 22 - len(picked))
+        exact_cfg = cfg.with_changes(greedy="exact", budget=len(picked) + quota)
+        step = select_from_features(feats, exact_cfg, initial=picked, eligible=mask, reference_gain=reference)
+        if reference is None and step.gains:
+            reference = step.gains[0]
+        stopped += step.stop_reason == "early_stop"
+        picked += step.indices
+    assert sel.indices == picked
+    assert sel.metadata["pools_stopped_early"] == stopped
+    if stop_ratio is None:
+        assert sel.stop_reason == "budget" and len(sel) == 22
+    else:
+        assert stopped > 0 and sel.stop_reason == ("budget" if len(picked) == 22 else "early_stop")
+
+
+def test_pooled_stream_can_run_out() -> None:
+    feats = _features(50, 4, seed=3)
+    sel = select_from_features(feats, _cfg(greedy="pooled", pool_size=10, picks_per_pool=2, budget=20))
+    assert len(sel) == 10 and sel.stop_reason == "exhausted"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_stochastic_reaches_95_percent_of_exact(seed: int) -> None:
+    feats = _features(1500, 24, seed=100 + seed, dtype=torch.float32)
+    exact = select_from_features(feats, _cfg(budget=150, seed=seed))
+    stoch = select_from_features(feats, _cfg(budget=150, greedy="stochastic", seed=seed))
+    assert len(stoch) == 150 and len(set(stoch.indices)) == 150
+    assert stoch.objective[-1] >= 0.95 * exact.objective[-1]
+    again = select_from_features(feats, _cfg(budget=150, greedy="stochastic", seed=seed))
+    assert again.indices == stoch.indices
+    # Its recorded numbers are exact for the picks it made.
+    assert stoch.objective[-1] == pytest.approx(_logdet(feats, stoch.indices, 1.0), rel=1e-8)
+
+
+def test_stochastic_seed_changes_picks_and_respects_masks() -> None:
+    feats = _features(400, 8, seed=5)
+    mask = torch.ones(400, dtype=torch.bool)
+    mask[:100] = False
+    a = select_from_features(feats, _cfg(budget=40, greedy="stochastic", seed=1), eligible=mask)
+    b = select_from_features(feats, _cfg(budget=40, greedy="stochastic", seed=2), eligible=mask)
+    assert a.indices != b.indices
+    assert min(a.indices) >= 100 and min(b.indices) >= 100
+
+
+def test_stochastic_does_not_touch_global_rng() -> None:
+    state = torch.get_rng_state()
+    select_from_features(_features(200, 4, seed=0), _cfg(budget=20, greedy="stochastic"))
+    assert torch.equal(state, torch.get_rng_state())
+
+
+# --- dtypes and devices ---------------------------------------------------------------------------
+
+
+def test_float32_and_float64_inputs_agree() -> None:
+    feats64 = _features(300, 16, seed=41)
+    a = select_from_features(feats64, _cfg(budget=60))
+    b = select_from_features(feats64.float(), _cfg(budget=60))
+    assert a.indices == b.indices
+    assert a.objective[-1] == pytest.approx(b.objective[-1], rel=1e-6)
+
+
+def test_bfloat16_input_works_and_matches_its_upcast() -> None:
+    feats = _features(200, 12, seed=42, dtype=torch.bfloat16)
+    a = select_from_features(feats, _cfg(budget=30))
+    b = select_from_features(feats.double(), _cfg(budget=30))
+    assert a.indices == b.indices
+    assert a.gains == pytest.approx(b.gains, rel=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("greedy", ["exact", "stochastic", "pooled"])
+def test_cuda_matches_cpu(greedy: str) -> None:
+    feats = _features(500, 32, seed=43, dtype=torch.float32)
+    cpu = select_from_features(feats, _cfg(budget=50, greedy=greedy, pool_size=60, picks_per_pool=6))
+    gpu = select_from_features(feats.cuda(), _cfg(budget=50, greedy=greedy, pool_size=60, picks_per_pool=6))
+    assert cpu.indices == gpu.indices
+    assert cpu.objective[-1] == pytest.approx(gpu.objective[-1], rel=1e-9)
+
+
+# --- bad inputs -----------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    cfg = _cfg(budget=2)
+    feats = _features(5, 3, seed=0)
+    with pytest.raises(ValueError, match="empty"):
+        select_from_features(torch.zeros(0, 3), cfg)
+    with pytest.raises(ValueError, match="2-D"):
+        select_from_features(torch.zeros(5), cfg)
+    with pytest.raises(TypeError, match="floating"):
+        select_from_features(torch.zeros(5, 3, dtype=torch.int64), cfg)
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        select_from_features([[1.0, 2.0]], cfg)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="exceeds the pool size"):
+        select_from_features(feats, _cfg(budget=6))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        select_from_features(torch.full((4, 3), float("nan")), cfg)
+    with pytest.raises(ValueError, match="outside"):
+        select_from_features(feats, cfg, initial=[0, 5])
+    with pytest.raises(ValueError, match="outside"):
+        select_from_features(feats, cfg, initial=[-1])
+    with pytest.raises(ValueError, match="duplicated"):
+        select_from_features(feats, cfg, initial=[1, 1])
+    with pytest.raises(ValueError, match="shape"):
+        select_from_features(feats, cfg, eligible=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        select_from_features(feats, cfg, eligible=torch.ones(5))
+    bad = feats.clone()
+    bad[2, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        select_from_features(bad, cfg, initial=[2])
+
+
+def test_progress_bar_does_not_change_the_result() -> None:
+    feats = _features(100, 8, seed=9)
+    assert (
+        select_from_features(feats, _cfg(budget=10), show_progress=True).indices
+        == select_from_features(feats, _cfg(budget=10)).indices
+    )
+
+
+def test_import_does_not_need_transformers() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None; sys.modules['peft'] = None\n"
+        "import spice_trainer.greedy, spice_trainer.selection, spice_trainer.objective\n"
+        "assert 'matplotlib' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
