@@ -64,6 +64,10 @@ class SpiceConfig:
             Examples per batched forward+backward when computing gradient features.
         max_length (`int` or `None`, defaults to `None`):
             Truncate candidates to this many tokens for the gradient pass. `None` keeps them whole.
+        feature_store (`str` or `None`, defaults to `None`):
+            A directory for an on-disk float16 store of gradient features, keyed by a fingerprint of the
+            model, adapter weights, dataset and feature settings, and written chunk by chunk so that a
+            crashed job resumes without recomputing finished chunks. `None` keeps features in memory only.
         reselect_every_steps (`int`, `tuple[int, ...]` or `None`, defaults to `None`):
             When to select again during training: every N optimizer steps, or at the listed steps.
             `None` selects once, before training.
@@ -97,6 +101,7 @@ class SpiceConfig:
     max_loss_quantile: float | None = None
     batch_size: int = 8
     max_length: int | None = None
+    feature_store: str | None = None
 
     # --- greedy regime -------------------------------------------------------------------
     seed: int = 42
@@ -142,6 +147,11 @@ class SpiceConfig:
         _check_positive_int("batch_size", self.batch_size)
         if self.max_length is not None:
             _check_positive_int("max_length", self.max_length)
+        if self.feature_store is not None and (not isinstance(self.feature_store, str) or not self.feature_store):
+            raise TypeError(
+                f"feature_store must be a directory path (a non-empty str) or None, got {self.feature_store!r}; "
+                "pass str(path) for a pathlib.Path"
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         _check_choice("greedy", self.greedy, ("exact", "stochastic", "pooled"))
