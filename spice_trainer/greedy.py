@@ -31,6 +31,9 @@ from spice_trainer.selection import Selection, StopReason
 
 logger = logging.getLogger(__name__)
 
+#: Candidates re-scored exactly per pick when rows are tracked in float32 (see `_greedy_block`).
+_REFINE = 8
+
 __all__ = ["select_from_features"]
 
 
@@ -151,8 +154,9 @@ def select_from_features(
         reason = "budget"
 
     indices = run.indices
-    gains = torch.stack(run.gains).tolist() if indices else []
-    conflicts = torch.stack(run.conflicts).tolist() if indices else []
+    recorded = torch.stack(run.values).tolist() if indices else []
+    gains = [pair[0] for pair in recorded]
+    conflicts = [pair[1] for pair in recorded]
     picked_rows = torch.tensor(indices, device=feats.device, dtype=torch.long)
     base = objective.base_gains_at(picked_rows).tolist() if indices else []
     lam = config.conflict_weight
@@ -203,8 +207,7 @@ class _Run:
     reference_given: bool = False
     initial_logdet: float = 0.0
     indices: list[int] = field(default_factory=list)
-    gains: list[torch.Tensor] = field(default_factory=list)
-    conflicts: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)  # (Δ, c) per pick, on the features' device
 
     def should_stop(self, gain: float, score: float) -> bool:
         """The SPICE+ rule for a candidate pick (see the module docstring); sets the reference on first use."""
@@ -216,10 +219,20 @@ class _Run:
         watched = gain if self.stop_on == "gain" else score
         return watched <= self.stop_ratio * self.reference
 
+    @property
+    def gains(self) -> list[torch.Tensor]:
+        """``Δ`` per pick (0-d tensors)."""
+        return [v[0] for v in self.values]
+
+    @property
+    def conflicts(self) -> list[torch.Tensor]:
+        """``c`` per pick (0-d tensors)."""
+        return [v[1] for v in self.values]
+
     def record(self, row: int, gain: torch.Tensor, conflict: torch.Tensor) -> None:
         self.indices.append(row)
-        self.gains.append(gain)
-        self.conflicts.append(conflict)
+        # A fresh 2-element tensor: keeping `gains[j]` itself would keep the whole (n,) gains tensor alive.
+        self.values.append(torch.stack([gain, conflict]))
 
 
 def _greedy_block(
@@ -234,21 +247,34 @@ def _greedy_block(
 ) -> StopReason:
     """Exact greedy over the rows the objective tracks (all rows, or a pool starting at row ``offset``).
 
-    ``mask: (m,)`` marks the tracked rows still available (updated in place); ``remaining`` is its count.
+    ``mask: (m,)`` marks the tracked rows available at the start; ``remaining`` is its count.
+
+    When the objective tracks rows in float32 (`SpiceObjective.screened`), the tracked scores only screen:
+    the ``_REFINE`` best are re-scored exactly (float64, from the set state) and the pick is their argmax, so
+    the float32 rounding can only matter for candidates that tie within it.
     """
+    blocked = ~mask
+    lam = run.conflict_weight
     for _ in range(quota):
         if remaining == 0:
             return "exhausted"
-        gains, conflicts, scores = objective.scores(run.conflict_weight)
-        scores = scores.masked_fill(~mask, -math.inf)
-        j = torch.argmax(scores)
-        pos, gain, score = torch.stack([j.to(scores.dtype), gains[j], scores[j]]).tolist()  # one sync per pick
+        gains, conflicts, scores = objective.scores(lam)
+        scores = scores.masked_fill_(blocked, -math.inf)
+        if objective.screened:
+            top = torch.topk(scores, min(_REFINE, remaining)).indices.sort().values  # ascending: ties → lowest
+            gains, conflicts, scores = objective.scores_at(top + offset, lam)
+            j = torch.argmax(scores)
+            at = top[j]
+        else:
+            j = torch.argmax(scores)
+            at = j
+        pos, gain, score = torch.stack([at.to(scores.dtype), gains[j], scores[j]]).tolist()  # one sync per pick
         local = int(pos)
         if run.should_stop(gain, score):
             return "early_stop"
         row = offset + local
         objective.add(objective.features[row])
-        mask[local] = False
+        blocked[local] = True
         remaining -= 1
         run.record(row, gains[j], conflicts[j])
         if progress is not None:

@@ -26,6 +26,7 @@ downdates of ``M⁻¹`` and ``s_i`` run for thousands of steps); features are up
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 import torch
@@ -135,8 +136,13 @@ class FisherLogDet:
         return g - self.fisher_scale * (v.T @ z).reshape(g.shape)
 
     def quad(self, block: torch.Tensor) -> torch.Tensor:
-        """``s_i = g_iᵀ M⁻¹ g_i`` for every row of ``block: (m, d)``; returns ``(m,)`` in the state dtype."""
-        block = block.to(device=self.device, dtype=self.dtype)
+        """``s_i = g_iᵀ M⁻¹ g_i`` for every row of ``block: (m, d)``; returns ``(m,)`` in the state dtype.
+
+        Rows are upcast to the state dtype a chunk at a time (bounded temporary memory).
+        """
+        return _chunked(block.to(self.device), self.dtype, self._quad)
+
+    def _quad(self, block: torch.Tensor) -> torch.Tensor:
         sq = (block * block).sum(dim=1)
         if self.size == 0:
             return sq
@@ -223,14 +229,20 @@ class ConflictTracker:
 class RowScores:
     """Per-row state for one block of rows: ``s_i = g_iᵀ M⁻¹ g_i`` and ``g_iᵀ Σ_S g``, kept exact.
 
-    After a pick with ``u = M⁻¹ g_j`` and ``denom = 1 + α g_jᵀ u`` one product ``P = G [u, g_j]: (m, 2)``
-    updates both: ``s_i ← s_i − α P_{i0}² / denom`` and ``dot_i ← dot_i + P_{i1}``. ``O(m d)`` per pick.
+    After a pick with ``u = M⁻¹ g_j`` and ``denom = 1 + α g_jᵀ u`` one product ``P = [u, g_j]ᵀ Gᵀ: (2, m)``
+    updates both: ``s_i ← s_i − α P_{0i}² / denom`` and ``dot_i ← dot_i + P_{1i}``. ``O(m d)`` per pick.
+
+    Precision: ``s``, ``dot`` and the norms are float64. The copy of the features that the per-pick product
+    reads is float64 for float64 input and float32 otherwise (bfloat16/float16 are upcast once): the product is
+    memory-bound, and float32 halves its traffic. Its rounding (relative ~1e-7 per product) is far below the
+    float32 features' own precision; `bench/greedy.py` measures the effect on the picks. The copy is stored
+    transposed, ``(d, m)``, which makes the two-column product about twice as fast on CPU.
 
     Args:
-        block: ``(m, d)`` features of the rows (any float dtype; copied once to ``dtype``).
+        block: ``(m, d)`` features of the rows (any float dtype).
         fisher: the set state, used once to initialise ``s`` (a pool that starts mid-stream).
         conflict: the conflict sums, used once to initialise the dot products.
-        dtype: the working dtype (float64 by default).
+        dtype: the dtype of ``s`` and the dot products (float64 by default).
     """
 
     def __init__(
@@ -242,18 +254,24 @@ class RowScores:
         dtype: torch.dtype = torch.float64,
     ) -> None:
         self.fisher_scale = fisher.fisher_scale
-        self.features = block.to(device=fisher.device, dtype=dtype)
-        self.sqnorms = (self.features * self.features).sum(dim=1)
+        self.dtype = dtype
+        block = block.to(device=fisher.device)
+        feature_dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
+        self.features_t = block.T.to(feature_dtype).contiguous()  # (d, m)
+        self.sqnorms = _row_sqnorms(block, dtype)
         self.norms = self.sqnorms.sqrt()
-        self.s = fisher.quad(self.features).to(dtype) if fisher.size else self.sqnorms.clone()
-        self.dots = self.features @ conflict.total.to(dtype) if conflict.size else torch.zeros_like(self.sqnorms)
+        self.s = fisher.quad(block).to(dtype) if fisher.size else self.sqnorms.clone()
+        if conflict.size:
+            self.dots = _chunked(block, dtype, lambda chunk: chunk @ conflict.total.to(dtype))
+        else:
+            self.dots = torch.zeros_like(self.sqnorms)
 
     def update(self, u: torch.Tensor, denom: torch.Tensor, g: torch.Tensor) -> None:
         """Apply one pick: ``u = M⁻¹ g_j`` (before the pick), ``denom = 1 + α g_jᵀ u``, ``g = g_j``."""
-        dtype = self.features.dtype
-        proj = self.features @ torch.stack([u.to(dtype), g.to(device=u.device, dtype=dtype)], dim=1)
-        self.s.sub_(proj[:, 0].square().mul_(self.fisher_scale / denom.to(dtype))).clamp_min_(0.0)
-        self.dots.add_(proj[:, 1])
+        lhs = torch.stack([u, g.to(device=u.device, dtype=u.dtype)]).to(self.features_t.dtype)
+        proj = (lhs @ self.features_t).to(self.dtype)
+        self.s.sub_(proj[0].square_().mul_(self.fisher_scale / denom.to(self.dtype))).clamp_min_(0.0)
+        self.dots.add_(proj[1])
 
     def gains(self) -> torch.Tensor:
         """``Δ_i = log(1 + α s_i)``, ``(m,)``."""
@@ -262,6 +280,20 @@ class RowScores:
     def base_gains(self) -> torch.Tensor:
         """``b_i = log(1 + α‖g_i‖²)``, ``(m,)``."""
         return torch.log1p(self.fisher_scale * self.sqnorms)
+
+
+def _chunked(
+    block: torch.Tensor, dtype: torch.dtype, fn: Callable[[torch.Tensor], torch.Tensor], rows: int = 16384
+) -> torch.Tensor:
+    """``fn`` applied to ``block`` upcast to ``dtype`` chunk by chunk of rows, results concatenated."""
+    if block.shape[0] <= rows:
+        return fn(block.to(dtype))
+    return torch.cat([fn(block[i : i + rows].to(dtype)) for i in range(0, block.shape[0], rows)])
+
+
+def _row_sqnorms(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``‖g_i‖²`` of every row, ``(m,)``, accumulated in ``dtype``."""
+    return _chunked(block, dtype, lambda chunk: (chunk * chunk).sum(dim=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +315,7 @@ class SpiceObjective:
         capacity: the largest set size (initial rows included).
         method: ``"auto"``, ``"primal"`` or ``"dual"`` (see `FisherLogDet`).
         track_rows: keep every row's gain incrementally.
-        dtype: working dtype of the state and the row copy; float64 by default.
+        dtype: dtype of the set state and of the per-row ``s`` and dot products; float64 by default.
     """
 
     def __init__(
@@ -317,6 +349,12 @@ class SpiceObjective:
     def logdet(self) -> float:
         """``U(S) = log det(I + α F_S)`` of the current set."""
         return self.fisher.logdet
+
+    @property
+    def screened(self) -> bool:
+        """True when the tracked rows are read in a lower precision than the state (float32 features):
+        `scores` then ranks candidates to within rounding, and `scores_at` gives the exact values."""
+        return self.rows is not None and self.rows.features_t.dtype != self.dtype
 
     def restrict(self, rows: torch.Tensor) -> None:
         """Track only ``features[rows]`` from now on (row positions become ``0..len(rows)-1``)."""

@@ -83,8 +83,12 @@ def _brute_force(
         (30, 16, 10, 0.0, 2.0),  # λ = 0, dual
     ],
 )
-def test_every_pick_is_the_brute_force_argmax(n: int, d: int, k: int, lam: float, alpha: float) -> None:
-    feats = _features(n, d, seed=n + d + k)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_pick_is_the_brute_force_argmax(
+    n: int, d: int, k: int, lam: float, alpha: float, dtype: torch.dtype
+) -> None:
+    # float32 input takes the screened path (float32 row copy, exact float64 decision among the best few).
+    feats = _features(n, d, seed=n + d + k, dtype=dtype)
     # Shift some rows against the mean so that the conflict term actually changes picks.
     feats[::3] *= -0.7
     sel = select_from_features(feats, _cfg(budget=k, conflict_weight=lam, fisher_scale=alpha))
@@ -331,7 +335,8 @@ def test_bfloat16_input_works_and_matches_its_upcast() -> None:
     a = select_from_features(feats, _cfg(budget=30))
     b = select_from_features(feats.double(), _cfg(budget=30))
     assert a.indices == b.indices
-    assert a.gains == pytest.approx(b.gains, rel=1e-12)
+    # Picks are decided on exact float64 scores (the float32 row copy only screens), so the numbers agree.
+    assert a.gains == pytest.approx(b.gains, rel=1e-10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
