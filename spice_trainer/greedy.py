@@ -99,7 +99,7 @@ def select_from_features(
     feats = _check_features(features)
     n = feats.shape[0]
     budget = config.budget_count(n)
-    finite = torch.isfinite(feats).all(dim=1)
+    finite = _finite_rows(feats)
     n_finite = int(finite.sum())
     if n_finite == 0:
         raise ValueError(
@@ -154,7 +154,7 @@ def select_from_features(
         reason = "budget"
 
     indices = run.indices
-    recorded = torch.stack(run.values).tolist() if indices else []
+    recorded = run.values.tolist()
     gains = [pair[0] for pair in recorded]
     conflicts = [pair[1] for pair in recorded]
     picked_rows = torch.tensor(indices, device=feats.device, dtype=torch.long)
@@ -207,7 +207,9 @@ class _Run:
     reference_given: bool = False
     initial_logdet: float = 0.0
     indices: list[int] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)  # (Δ, c) per pick, on the features' device
+    # (Δ, c) per pick in one growing (capacity, 2) buffer on the features' device: no per-pick tensor outlives
+    # its pick (thousands of tiny long-lived tensors fragment the allocator's heap, measured in bench/greedy.py).
+    _buffer: torch.Tensor | None = None
 
     def should_stop(self, gain: float, score: float) -> bool:
         """The SPICE+ rule for a candidate pick (see the module docstring); sets the reference on first use."""
@@ -220,19 +222,33 @@ class _Run:
         return watched <= self.stop_ratio * self.reference
 
     @property
+    def values(self) -> torch.Tensor:
+        """``(picks, 2)``: ``(Δ, c)`` per pick."""
+        if self._buffer is None:
+            return torch.zeros(0, 2, dtype=torch.float64)
+        return self._buffer[: len(self.indices)]
+
+    @property
     def gains(self) -> list[torch.Tensor]:
         """``Δ`` per pick (0-d tensors)."""
-        return [v[0] for v in self.values]
+        return list(self.values[:, 0])
 
     @property
     def conflicts(self) -> list[torch.Tensor]:
         """``c`` per pick (0-d tensors)."""
-        return [v[1] for v in self.values]
+        return list(self.values[:, 1])
 
     def record(self, row: int, gain: torch.Tensor, conflict: torch.Tensor) -> None:
+        """Append a pick; ``gain`` and ``conflict`` are 0-d tensors (copied, never kept)."""
+        t = len(self.indices)
+        if self._buffer is None or t == self._buffer.shape[0]:
+            grown = torch.zeros(max(64, 2 * t), 2, dtype=torch.float64, device=gain.device)
+            if self._buffer is not None:
+                grown[:t] = self._buffer
+            self._buffer = grown
+        self._buffer[t, 0] = gain
+        self._buffer[t, 1] = conflict
         self.indices.append(row)
-        # A fresh 2-element tensor: keeping `gains[j]` itself would keep the whole (n,) gains tensor alive.
-        self.values.append(torch.stack([gain, conflict]))
 
 
 def _greedy_block(
@@ -400,6 +416,12 @@ def _check_features(features: Any) -> torch.Tensor:
     if n == 0 or d == 0:
         raise ValueError(f"features is empty (shape {(n, d)}); there must be at least one row and one column")
     return features
+
+
+def _finite_rows(features: torch.Tensor, rows: int = 16384) -> torch.Tensor:
+    """``(n,)`` bool: rows without NaN/inf, checked a chunk at a time (``isfinite`` makes several
+    ``(n, d)`` temporaries)."""
+    return torch.cat([torch.isfinite(features[i : i + rows]).all(dim=1) for i in range(0, features.shape[0], rows)])
 
 
 def _check_initial(initial: Sequence[int] | None, n: int, skipped: list[int]) -> list[int]:
