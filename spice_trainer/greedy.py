@@ -263,28 +263,16 @@ def _greedy_block(
 ) -> StopReason:
     """Exact greedy over the rows the objective tracks (all rows, or a pool starting at row ``offset``).
 
-    ``mask: (m,)`` marks the tracked rows available at the start; ``remaining`` is its count.
-
-    When the objective tracks rows in float32 (`SpiceObjective.screened`), the tracked scores only screen:
-    the ``_REFINE`` best are re-scored exactly (float64, from the set state) and the pick is their argmax, so
-    the float32 rounding can only matter for candidates that tie within it.
+    ``mask: (m,)`` marks the tracked rows available at the start; ``remaining`` is its count. Each pick is
+    `best_candidate`.
     """
     blocked = ~mask
     lam = run.conflict_weight
     for _ in range(quota):
         if remaining == 0:
             return "exhausted"
-        gains, conflicts, scores = objective.scores(lam)
-        scores = scores.masked_fill_(blocked, -math.inf)
-        if objective.screened:
-            top = torch.topk(scores, min(_REFINE, remaining)).indices.sort().values  # ascending: ties → lowest
-            gains, conflicts, scores = objective.scores_at(top + offset, lam)
-            j = torch.argmax(scores)
-            at = top[j]
-        else:
-            j = torch.argmax(scores)
-            at = j
-        pos, gain, score = torch.stack([at.to(scores.dtype), gains[j], scores[j]]).tolist()  # one sync per pick
+        at, gain_t, conflict_t, score_t = best_candidate(objective, blocked, remaining, lam, offset=offset)
+        pos, gain, score = torch.stack([at.to(score_t.dtype), gain_t, score_t]).tolist()  # one sync per pick
         local = int(pos)
         if run.should_stop(gain, score):
             return "early_stop"
@@ -292,10 +280,41 @@ def _greedy_block(
         objective.add(objective.features[row])
         blocked[local] = True
         remaining -= 1
-        run.record(row, gains[j], conflicts[j])
+        run.record(row, gain_t, conflict_t)
         if progress is not None:
             progress.update(1)
     return "budget"
+
+
+def best_candidate(
+    objective: SpiceObjective, blocked: torch.Tensor, remaining: int, conflict_weight: float, *, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The argmax of ``Δ − λc`` over the tracked rows not ``blocked``, ties to the lowest position.
+
+    When the objective tracks its rows in float32 (`SpiceObjective.screened`), the tracked scores only
+    screen: the ``_REFINE`` best are re-scored exactly (float64, from the set state) and the pick is their
+    argmax, so float32 rounding can only matter between candidates that tie to within it. The returned
+    numbers are the exact ones in both cases. Shared by the single-process and the distributed greedy.
+
+    Args:
+        objective: tracks rows ``offset .. offset + m − 1`` of ``objective.features``.
+        blocked: ``(m,)`` bool, True for rows that may not be picked.
+        remaining: the number of rows not blocked (``>= 1``).
+        conflict_weight: ``λ``.
+        offset: the first tracked row (a pool's start).
+
+    Returns:
+        0-d tensors on the features' device: ``(position in the block, Δ, c, Δ − λc)``.
+    """
+    gains, conflicts, scores = objective.scores(conflict_weight)
+    scores = scores.masked_fill_(blocked, -math.inf)
+    if objective.screened:
+        top = torch.topk(scores, min(_REFINE, remaining)).indices.sort().values  # ascending: ties → lowest
+        gains, conflicts, scores = objective.scores_at(top + offset, conflict_weight)
+        j = torch.argmax(scores)
+        return top[j], gains[j], conflicts[j], scores[j]
+    j = torch.argmax(scores)
+    return j, gains[j], conflicts[j], scores[j]
 
 
 def _stochastic(
