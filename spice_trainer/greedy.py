@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 #: Candidates re-scored exactly per pick when rows are tracked in float32 (see `_greedy_block`).
 _REFINE = 8
+#: At most this many rows tied exactly at the screening cut are re-scored (the lowest positions).
+_TIED = 64
 
 __all__ = ["select_from_features"]
 
@@ -292,8 +294,9 @@ def best_candidate(
     """The argmax of ``Δ − λc`` over the tracked rows not ``blocked``, ties to the lowest position.
 
     When the objective tracks its rows in float32 (`SpiceObjective.screened`), the tracked scores only
-    screen: the ``_REFINE`` best are re-scored exactly (float64, from the set state) and the pick is their
-    argmax, so float32 rounding can only matter between candidates that tie to within it. The returned
+    screen: the ``_REFINE`` best (with every row tied at the cut, up to ``_TIED``) are re-scored exactly
+    (float64, from the set state) and the pick is their argmax, so float32 rounding can only matter between
+    candidates that tie to within it. The returned
     numbers are the exact ones in both cases. Shared by the single-process and the distributed greedy.
 
     Args:
@@ -309,7 +312,12 @@ def best_candidate(
     gains, conflicts, scores = objective.scores(conflict_weight)
     scores = scores.masked_fill_(blocked, -math.inf)
     if objective.screened:
-        top = torch.topk(scores, min(_REFINE, remaining)).indices.sort().values  # ascending: ties → lowest
+        # The candidates are defined by value, not by topk's order among ties: every row above the
+        # _REFINE-th best screened score, and the rows equal to it (the lowest _TIED of them).
+        cut = torch.topk(scores, min(_REFINE, remaining)).values[-1]
+        above = (scores > cut).nonzero().flatten()
+        tied = (scores == cut).nonzero().flatten()[:_TIED]
+        top = torch.cat([above, tied]).sort().values  # ascending: exact ties → lowest position
         gains, conflicts, scores = objective.scores_at(top + offset, conflict_weight)
         j = torch.argmax(scores)
         return top[j], gains[j], conflicts[j], scores[j]

@@ -119,12 +119,21 @@ def test_conflict_weight_changes_picks_on_opposing_rows() -> None:
     assert sum(spice.conflicts) < sum(plain.conflicts)
 
 
-def test_ties_go_to_the_lowest_index() -> None:
-    feats = torch.zeros(6, 3, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ties_go_to_the_lowest_index(dtype: torch.dtype) -> None:
+    feats = torch.zeros(6, 3, dtype=dtype)
     feats[[1, 4], 0] = 1.0  # identical rows: equal gains, no conflict
     feats[[2, 5], 1] = 1.0
     sel = select_from_features(feats, _cfg(budget=2))
     assert sel.indices == [1, 2]
+    # More tied rows than the float32 path re-scores exactly (8), spread so that topk's order among ties
+    # would not give the lowest index: 12 orthogonal unit rows (after a first, larger pick), then copies.
+    feats = torch.zeros(40, 16, dtype=dtype)
+    feats[0, 15] = 2.0
+    for i in range(1, 40):
+        feats[i, (i - 1) % 12] = 1.0
+    sel = select_from_features(feats, _cfg(budget=14))
+    assert sel.indices == [0, *range(1, 13), 13]
 
 
 # --- initial, eligible, non-finite --------------------------------------------------------------
