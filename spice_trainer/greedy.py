@@ -315,9 +315,11 @@ def best_candidate(
         # The candidates are defined by value, not by topk's order among ties: every row above the
         # _REFINE-th best screened score, and the rows equal to it (the lowest _TIED of them).
         cut = torch.topk(scores, min(_REFINE, remaining)).values[-1]
-        above = (scores > cut).nonzero().flatten()
-        tied = (scores == cut).nonzero().flatten()[:_TIED]
-        top = torch.cat([above, tied]).sort().values  # ascending: exact ties → lowest position
+        top = (scores >= cut).nonzero().flatten()  # ascending: exact ties → lowest position
+        if top.numel() > _REFINE + _TIED:
+            above = (scores > cut).nonzero().flatten()
+            tied = (scores == cut).nonzero().flatten()[:_TIED]
+            top = torch.cat([above, tied]).sort().values
         gains, conflicts, scores = objective.scores_at(top + offset, conflict_weight)
         j = torch.argmax(scores)
         return top[j], gains[j], conflicts[j], scores[j]
