@@ -231,11 +231,16 @@ def make_row(task: str, kind: str, gen: torch.Generator) -> dict[str, str]:
     raise ValueError(f"kind must be one of {KINDS!r}, got {kind!r}")
 
 
-def pretraining_corpus(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` easy rows (every task, plus ``copy`` at every length) for pretraining the base model."""
+def pretraining_corpus(n: int, seed: int = 0, *, hard_share: float = 0.0) -> list[dict[str, str]]:
+    """``n`` rows for pretraining the base model: easy rows (every task, plus ``copy`` at every length)
+    and a ``hard_share`` of clean hard rows of `TASKS`."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     tasks = (*TASKS, *EASY_ONLY_TASKS)
-    return [make_row(_choice(gen, tasks), "redundant", gen) for _ in range(n)]
+    n_hard = round(hard_share * n)
+    rows = [make_row(_choice(gen, TASKS), "clean", gen) for _ in range(n_hard)]
+    rows += [make_row(_choice(gen, tasks), "redundant", gen) for _ in range(n - n_hard)]
+    order = torch.randperm(n, generator=gen).tolist()
+    return [rows[i] for i in order]
 
 
 def candidate_pool(n: int, scenario: str = "noisy", seed: int = 0) -> Pool:
@@ -440,6 +445,7 @@ def build_world(
     *,
     pretrain_rows: int = 3000,
     pretrain_epochs: float = 4.0,
+    pretrain_hard_share: float = 0.03,
     hidden_size: int = 64,
     num_layers: int = 2,
 ) -> tuple[Any, Any]:
@@ -462,7 +468,7 @@ def build_world(
         max_positions=64,
         seed=seed,
     )
-    corpus = pretraining_corpus(pretrain_rows, seed=seed)
+    corpus = pretraining_corpus(pretrain_rows, seed=seed, hard_share=pretrain_hard_share)
     result = finetune(model, tokenizer, corpus, epochs=pretrain_epochs, learning_rate=3e-3, batch_size=32, seed=seed)
     logger.info(
         "pretrained the base model: %d steps in %.1f s, final loss %.3f",
