@@ -1,0 +1,451 @@
+"""Per-example adapter gradients from one batched forward and backward, projected module by module.
+
+For a LoRA layer ``y = W x + s · B A dropout(x)`` the gradient of one example's loss ``ℓ_i`` is
+
+    ∂ℓ_i/∂A = Σ_t δ^A_{i,t} x_{i,t}ᵀ        (r × in),   δ^A = ∂L/∂(A x)
+    ∂ℓ_i/∂B = Σ_t δ^B_{i,t} h_{i,t}ᵀ        (out × r),  δ^B = ∂L/∂(B h),  h = A x
+
+where ``L = Σ_i ℓ_i`` is the sum of the examples' own losses (each the mean over its supervised tokens),
+so that the gradient of ``L`` restricted to example ``i``'s activations is the gradient of ``ℓ_i``.
+Forward hooks capture ``x``, ``h`` and the outputs of every ``lora_A``/``lora_B``; one
+``torch.autograd.grad`` call returns every ``δ``; batched ``einsum``s give each example's gradient, which
+is projected with a seeded `BlockProjector` per weight and summed (the projection of the concatenated
+gradient). ``param.grad``, optimizer state, RNG streams and DDP reducer state are never touched.
+
+Only torch is imported: LoRA layers are recognised structurally (PEFT's ``lora_A`` / ``lora_B``
+``ModuleDict``s keyed by adapter name).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from spice_trainer.config import SpiceConfig
+from spice_trainer.projection import BlockProjector
+
+logger = logging.getLogger(__name__)
+
+# Projection blocks are cached across batches while all of them together stay under this size.
+_PROJECTOR_CACHE_BYTES = 256 * 2**20
+_ADAM_EPS = 1e-8
+
+Collator = Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+@dataclass
+class GradientFeatures:
+    """What the gradient pass returns.
+
+    Attributes:
+        features: ``(n, proj_dim)`` float32 on CPU, after ``config.feature_norm``. Rows whose loss is not
+            finite or that have no supervised token are NaN, so the greedy never picks them.
+        losses: ``(n,)`` float32, each example's own loss (mean over its supervised tokens; NaN if none).
+        num_tokens: ``(n,)`` int64, supervised tokens per example.
+    """
+
+    features: torch.Tensor
+    losses: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+@dataclass
+class _LoraWeight:
+    """One LoRA weight of the chosen adapter and what the hooks saw in the current batch."""
+
+    name: str  # e.g. "base_model.model.layers.0.self_attn.q_proj.lora_A"
+    module: nn.Linear  # the lora_A[adapter] or lora_B[adapter] Linear
+    projector: BlockProjector
+    inputs: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+
+
+def find_lora_weights(model: nn.Module, adapter_name: str | None = None) -> tuple[str, list[tuple[str, nn.Linear]]]:
+    """The LoRA ``A``/``B`` linear modules of one adapter, in module order.
+
+    Returns:
+        ``(adapter, [(name, module), ...])`` with names ending in ``.lora_A`` / ``.lora_B``.
+
+    Raises:
+        ValueError: no LoRA layer, several active adapters and no ``adapter_name``, an unknown adapter, or
+            an unsupported LoRA variant (DoRA).
+    """
+    layers = [(name, m) for name, m in model.named_modules() if _is_lora_layer(m)]
+    if not layers:
+        raise ValueError(
+            "the model has no LoRA adapter: SPICE measures per-example gradients through the adapter's "
+            "lora_A/lora_B weights. Wrap it first, e.g. `model = peft.get_peft_model(model, "
+            "LoraConfig(r=8, target_modules='all-linear'))`, or select with a smaller adapter-equipped "
+            "model via SpiceConfig(proxy_model=...)"
+        )
+    if adapter_name is None:
+        active = _active_adapters(layers[0][1])
+        if len(active) != 1:
+            raise ValueError(
+                f"the model has {len(active)} active LoRA adapters {active!r}; say which one SPICE measures "
+                "with adapter_name=..."
+            )
+        adapter_name = active[0]
+    weights: list[tuple[str, nn.Linear]] = []
+    skipped: list[str] = []
+    for name, layer in layers:
+        lora_a = layer.lora_A
+        if adapter_name not in lora_a:
+            continue
+        variant = getattr(layer, "lora_variant", {})
+        use_dora = getattr(layer, "use_dora", {})
+        if adapter_name in variant or use_dora.get(adapter_name, False):
+            raise ValueError(
+                f"LoRA variant {type(variant.get(adapter_name)).__name__} (e.g. DoRA) on {name!r} is not "
+                "supported by the gradient pass; use a plain LoRA adapter"
+            )
+        a_module, b_module = lora_a[adapter_name], layer.lora_B[adapter_name]
+        if not (isinstance(a_module, nn.Linear) and isinstance(b_module, nn.Linear)):
+            skipped.append(name)
+            continue
+        weights.append((f"{name}.lora_A", a_module))
+        weights.append((f"{name}.lora_B", b_module))
+    if skipped:
+        logger.warning(
+            "spice: %d LoRA layers that are not Linear (e.g. embeddings or convolutions) are left out of the "
+            "gradient features: %s",
+            len(skipped),
+            ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+        )
+    if not weights:
+        names = sorted({k for _, layer in layers for k in layer.lora_A})
+        raise ValueError(f"adapter_name={adapter_name!r} has no Linear LoRA weights; the model's adapters are {names}")
+    return adapter_name, weights
+
+
+def compute_gradient_features(
+    model: nn.Module,
+    dataset: Any,
+    config: SpiceConfig,
+    data_collator: Collator | None = None,
+    *,
+    indices: Sequence[int] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    adapter_name: str | None = None,
+    show_progress: bool = True,
+) -> GradientFeatures:
+    """Per-example projected LoRA gradients, ``config.batch_size`` examples per forward+backward.
+
+    Args:
+        model: a causal LM with a PEFT LoRA adapter (any transformers architecture).
+        dataset: indexable rows holding ``input_ids`` and optionally ``attention_mask``, ``labels``,
+            ``completion_mask`` / ``assistant_masks`` (0 marks tokens without loss).
+        config: uses ``proj_dim``, ``projection``, ``feature_norm``, ``seed``, ``batch_size``, ``max_length``.
+        data_collator: turns rows into a padded batch with ``labels`` (-100 = no loss); `None` pads right.
+        indices: compute only these rows, in this order (sharding, probes). `None` = every row.
+        optimizer: the live Adam/AdamW optimizer, required by ``feature_norm="adam"``.
+        adapter_name: the LoRA adapter to measure; `None` = the single active one.
+        show_progress: show a tqdm bar when there is more than one batch.
+
+    Returns:
+        `GradientFeatures` with rows in ``indices`` order.
+
+    Raises:
+        ValueError: no LoRA adapter, a row without ``input_ids``, ``feature_norm="adam"`` without an Adam
+            optimizer.
+    """
+    rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    adapter, lora = find_lora_weights(model, adapter_name)
+    _warn_other_trainables(model, {id(m.weight) for _, m in lora})
+    adam_denoms = _adam_denominators(optimizer, lora) if config.feature_norm == "adam" else None
+    total_bytes = sum(m.weight.numel() for _, m in lora) * config.proj_dim * 4
+    cache = total_bytes <= _PROJECTOR_CACHE_BYTES
+    weights = [
+        _LoraWeight(
+            name,
+            module,
+            BlockProjector(
+                module.weight.numel(), config.proj_dim, config.projection, config.seed, _stable_key(name), cache=cache
+            ),
+        )
+        for name, module in lora
+    ]
+
+    n = len(rows)
+    features = torch.full((n, config.proj_dim), float("nan"), dtype=torch.float32)
+    losses = torch.full((n,), float("nan"), dtype=torch.float32)
+    num_tokens = torch.zeros(n, dtype=torch.int64)
+    collate = data_collator or _PadCollator(_pad_id(model))
+    device = next(model.parameters()).device
+    batches = [rows[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
+    bar = _progress(len(batches), show_progress and len(batches) > 1)
+    with _measuring(model, weights):
+        for b, batch_rows in enumerate(batches):
+            batch = collate([_prepare_row(dataset[i], config.max_length) for i in batch_rows])
+            lo = b * config.batch_size
+            out = _batch_features(model, weights, batch, device, adam_denoms)
+            features[lo : lo + len(batch_rows)] = out[0]
+            losses[lo : lo + len(batch_rows)] = out[1]
+            num_tokens[lo : lo + len(batch_rows)] = out[2]
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if config.feature_norm == "unit":
+        norms = features.norm(dim=1, keepdim=True)
+        features = torch.where(norms > 0, features / norms.clamp_min(1e-30), features)
+    logger.debug("spice: gradient features for %d rows through %d LoRA weights (%s)", n, len(weights), adapter)
+    return GradientFeatures(features=features, losses=losses, num_tokens=num_tokens)
+
+
+def gradient_features(
+    model: nn.Module, dataset: Any, config: SpiceConfig, data_collator: Collator | None = None
+) -> torch.Tensor:
+    """``(n, proj_dim)`` projected per-example LoRA gradients; see `compute_gradient_features`."""
+    return compute_gradient_features(model, dataset, config, data_collator).features
+
+
+# --- the batched pass ----------------------------------------------------------------------------------
+
+
+def _batch_features(
+    model: nn.Module,
+    weights: list[_LoraWeight],
+    batch: dict[str, Any],
+    device: torch.device,
+    adam_denoms: dict[int, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    input_ids = torch.as_tensor(batch["input_ids"]).to(device)
+    labels = torch.as_tensor(batch.get("labels", input_ids)).to(device)
+    attention_mask = batch.get("attention_mask")
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask).to(device)
+        kwargs["attention_mask"] = attention_mask
+        if "position_ids" not in batch:
+            # Left padding: count positions from each row's first real token, as an unpadded row would.
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    if "position_ids" in batch:
+        kwargs["position_ids"] = torch.as_tensor(batch["position_ids"]).to(device)
+    bsz = input_ids.shape[0]
+    feats = torch.full((bsz, weights[0].projector.proj_dim), float("nan"))
+
+    with torch.enable_grad():
+        logits = model(**kwargs).logits
+        per_example, counts = _per_example_loss(logits, labels)
+        valid = torch.isfinite(per_example) & (counts > 0)
+        if not bool(valid.any()):
+            return feats, per_example.detach().float().cpu(), counts.cpu()
+        total = per_example[valid].sum()
+        captured = [t for w in weights for t in (w.output,) if t is not None]
+        if len(captured) != len(weights):
+            raise RuntimeError(
+                "some LoRA weights were not called in the forward pass; is the adapter disabled or merged?"
+            )
+        deltas = torch.autograd.grad(total, captured, allow_unused=True)
+
+    acc = torch.zeros(bsz, weights[0].projector.proj_dim, dtype=torch.float32, device=device)
+    for w, delta in zip(weights, deltas, strict=True):
+        if delta is None or w.inputs is None:
+            continue
+        x = w.inputs.float().reshape(bsz, -1, w.inputs.shape[-1])
+        g = delta.float().reshape(bsz, -1, delta.shape[-1])
+        per_example_grad = torch.einsum("nto,nti->noi", g, x).reshape(bsz, -1)  # (n, out·in), weight layout
+        if adam_denoms is not None:
+            per_example_grad = per_example_grad / adam_denoms[id(w.module.weight)].to(device).reshape(1, -1)
+        acc += w.projector.project(per_example_grad)
+    for w in weights:
+        w.inputs = None
+        w.output = None
+    feats = acc.cpu()
+    feats[~valid.cpu()] = float("nan")
+    return feats, per_example.detach().float().cpu(), counts.cpu()
+
+
+def _per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean next-token cross-entropy over its supervised tokens (labels ≠ -100).
+
+    Matches transformers' ``ForCausalLMLoss`` on a batch of one: logits upcast to float32, labels shifted
+    left by one.
+
+    Returns:
+        ``(losses (n,), counts (n,))``; a row without a supervised token has loss NaN and count 0.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    mask = shift_labels != -100
+    token_loss = nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.clamp_min(0).reshape(-1),
+        reduction="none",
+    ).reshape(shift_labels.shape)
+    counts = mask.sum(dim=1)
+    summed = (token_loss * mask).sum(dim=1)
+    losses = torch.where(counts > 0, summed / counts.clamp_min(1), torch.full_like(summed, float("nan")))
+    return losses, counts
+
+
+@contextmanager
+def _measuring(model: nn.Module, weights: list[_LoraWeight]) -> Iterator[None]:
+    """Eval mode, hooks on the LoRA weights, and their ``requires_grad`` on; everything restored after."""
+    modes = {m: m.training for m in model.modules()}
+    flags = {w.name: w.module.weight.requires_grad for w in weights}
+    handles = []
+
+    def hook_for(w: _LoraWeight) -> Callable[..., None]:
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            w.inputs = inputs[0].detach()
+            w.output = output
+
+        return hook
+
+    try:
+        model.eval()
+        for w in weights:
+            w.module.weight.requires_grad_(True)
+            handles.append(w.module.register_forward_hook(hook_for(w)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for w in weights:
+            w.module.weight.requires_grad_(flags[w.name])
+            w.inputs = None
+            w.output = None
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+# --- rows, collation, helpers -------------------------------------------------------------------------
+
+
+def _prepare_row(row: Any, max_length: int | None) -> dict[str, Any]:
+    """Keep the token columns of a row (drop strings), truncated to ``max_length`` tokens."""
+    if not isinstance(row, dict) or "input_ids" not in row:
+        found = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(
+            f"each dataset row must be a dict with 'input_ids' (tokenised text), got {found}; tokenise the "
+            "dataset first (TRL's SFTTrainer does it for you)"
+        )
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, str) or value is None:
+            continue
+        if max_length is not None and isinstance(value, list | torch.Tensor) and len(value) > max_length:
+            value = value[:max_length]
+        out[key] = value
+    return out
+
+
+class _PadCollator:
+    """Right-pads ``input_ids``; labels are the row's ``labels`` or ``input_ids`` with masked tokens -100."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            row_ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            length = row_ids.shape[0]
+            ids[i, :length] = row_ids
+            row_labels = torch.as_tensor(row.get("labels", row_ids), dtype=torch.long).clone()
+            for mask_key in ("completion_mask", "assistant_masks"):
+                if mask_key in row:
+                    row_labels[torch.as_tensor(row[mask_key])[:length] == 0] = -100
+            labels[i, :length] = row_labels[:length]
+            attention[i, :length] = torch.as_tensor(row.get("attention_mask", [1] * length))[:length]
+        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def _pad_id(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(config, "eos_token_id", None)
+    if isinstance(pad, list):
+        pad = pad[0] if pad else None
+    return int(pad) if pad is not None else 0
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return (
+        isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+        and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
+        and isinstance(getattr(module, "scaling", None), dict)
+    )
+
+
+def _active_adapters(layer: nn.Module) -> list[str]:
+    active = getattr(layer, "active_adapters", None)
+    if active is None:
+        active = getattr(layer, "active_adapter", None)
+    if isinstance(active, str):
+        return [active]
+    return list(active or [])
+
+
+def _stable_key(name: str) -> str:
+    """The module path without wrapper prefixes, so the same weight projects the same with or without them."""
+    for prefix in ("module.", "base_model.model.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+_warned_other_trainables = False
+
+
+def _warn_other_trainables(model: nn.Module, lora_ids: set[int]) -> None:
+    global _warned_other_trainables
+    others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids]
+    if others and not _warned_other_trainables:
+        _warned_other_trainables = True
+        logger.warning(
+            "spice: %d trainable parameters outside the LoRA adapter (e.g. %s; modules_to_save or trainable "
+            "embeddings) are not part of the gradient features",
+            len(others),
+            others[0],
+        )
+
+
+def _adam_denominators(
+    optimizer: torch.optim.Optimizer | None, lora: list[tuple[str, nn.Linear]]
+) -> dict[int, torch.Tensor]:
+    """``√v̂ + ε`` per LoRA weight from Adam's second moments, ``v̂ = v / (1 − β₂^step)`` (LESS)."""
+    if optimizer is None:
+        raise ValueError(
+            "feature_norm='adam' needs the live optimizer's second moments: pass optimizer=... (the callback "
+            "does this once training has taken a step), or use feature_norm='unit'"
+        )
+    denoms: dict[int, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        beta2 = group.get("betas", (None, None))[1]
+        eps = group.get("eps", _ADAM_EPS)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "exp_avg_sq" not in state or beta2 is None:
+                continue
+            step = float(torch.as_tensor(state.get("step", 1)).item())
+            v_hat = state["exp_avg_sq"].float() / (1.0 - beta2 ** max(step, 1.0))
+            denoms[id(p)] = v_hat.sqrt() + eps
+    missing = [name for name, m in lora if id(m.weight) not in denoms]
+    if missing:
+        raise ValueError(
+            f"feature_norm='adam' needs Adam second moments for every LoRA weight; {len(missing)} have none "
+            f"(e.g. {missing[0]}): the optimizer is not Adam/AdamW or has not stepped yet. Use "
+            "feature_norm='unit' before the first optimizer step"
+        )
+    return denoms
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="spice: gradient features", unit="batch", leave=False)

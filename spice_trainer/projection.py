@@ -1,0 +1,99 @@
+"""Seeded random projections, generated blockwise, for per-example gradients.
+
+A gradient ``g ∈ R^D`` (one LoRA weight, flattened) is projected to ``R^d`` by ``g @ P`` with
+``P ∈ R^{D × d}`` a Johnson-Lindenstrauss matrix. ``P`` is never held whole: it is generated in blocks of
+rows, each block from its own local generator seeded by ``(seed, key, block)``, so the result is the same
+for any batch size, on any machine, and independent of every other weight's projection. Projecting the
+concatenation of several weights equals the sum of their projections with independent blocks.
+
+Families (``E[‖g P‖²] = ‖g‖²`` for all three):
+
+- ``"rademacher"``: entries ``±1/√d`` with equal probability (Achlioptas 2003).
+- ``"gaussian"``: entries ``N(0, 1/d)``.
+- ``"sparse"``: very sparse JL (Li, Hastie & Church 2006) with ``s = √D``: entries ``±√(s/d)`` with
+  probability ``1/(2s)`` each, ``0`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+from spice_trainer.config import ProjectionKind
+
+# Rows of P generated at once; bounds the projector's memory to BLOCK_ROWS × d floats.
+BLOCK_ROWS = 8192
+
+
+class BlockProjector:
+    """Projects ``(n, D)`` matrices to ``(n, d)`` with a seeded JL matrix generated block by block.
+
+    Args:
+        in_dim: ``D``, the flattened size of the weight this projector serves.
+        proj_dim: ``d``.
+        kind: the projection family.
+        seed: the global seed (``SpiceConfig.seed``).
+        key: a stable name of the weight (e.g. its module path); hashed with CRC-32 so the stream is the
+            same across processes and Python hash seeds.
+        cache: keep generated blocks for reuse across batches (memory ``D × d`` floats for this weight).
+    """
+
+    def __init__(
+        self, in_dim: int, proj_dim: int, kind: ProjectionKind, seed: int, key: str, *, cache: bool = False
+    ) -> None:
+        if in_dim < 1 or proj_dim < 1:
+            raise ValueError(f"projection sizes must be positive, got in_dim={in_dim}, proj_dim={proj_dim}")
+        self.in_dim = in_dim
+        self.proj_dim = proj_dim
+        self.kind = kind
+        self._base_seed = (int(seed) * 1_000_003 + zlib.crc32(key.encode("utf-8"))) % (2**62)
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+
+    def block(self, index: int) -> torch.Tensor:
+        """Rows ``[index·BLOCK_ROWS, (index+1)·BLOCK_ROWS)`` of ``P`` as a float32 CPU tensor."""
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        rows = min(BLOCK_ROWS, self.in_dim - index * BLOCK_ROWS)
+        gen = torch.Generator(device="cpu").manual_seed(self._base_seed + 7919 * index)
+        d = self.proj_dim
+        if self.kind == "rademacher":
+            signs = torch.randint(0, 2, (rows, d), generator=gen, dtype=torch.int8)
+            out = (signs.to(torch.float32) * 2.0 - 1.0) / math.sqrt(d)
+        elif self.kind == "gaussian":
+            out = torch.randn(rows, d, generator=gen, dtype=torch.float32) / math.sqrt(d)
+        elif self.kind == "sparse":
+            s = max(1.0, math.sqrt(self.in_dim))
+            u = torch.rand(rows, d, generator=gen, dtype=torch.float32)
+            scale = math.sqrt(s / d)
+            out = torch.where(u < 0.5 / s, scale, torch.where(u > 1.0 - 0.5 / s, -scale, 0.0))
+        else:  # pragma: no cover - SpiceConfig validates the kind
+            raise ValueError(f"projection must be 'rademacher', 'gaussian' or 'sparse', got {self.kind!r}")
+        if self._cache is not None:
+            self._cache[index] = out
+        return out
+
+    def matrix(self) -> torch.Tensor:
+        """The whole ``(D, d)`` matrix (tests and small weights only)."""
+        blocks = math.ceil(self.in_dim / BLOCK_ROWS)
+        return torch.cat([self.block(i) for i in range(blocks)], dim=0)
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        """``grads @ P``.
+
+        Args:
+            grads: ``(n, D)``, any float dtype and device.
+
+        Returns:
+            ``(n, d)`` float32 on ``grads.device``.
+        """
+        if grads.ndim != 2 or grads.shape[1] != self.in_dim:
+            raise ValueError(f"expected grads of shape (n, {self.in_dim}), got {tuple(grads.shape)}")
+        grads = grads.to(torch.float32)
+        out = torch.zeros(grads.shape[0], self.proj_dim, dtype=torch.float32, device=grads.device)
+        for index in range(math.ceil(self.in_dim / BLOCK_ROWS)):
+            lo = index * BLOCK_ROWS
+            block = self.block(index).to(grads.device)
+            out.addmm_(grads[:, lo : lo + block.shape[0]], block)
+        return out

@@ -1,0 +1,235 @@
+"""Batched per-example LoRA gradient features against a one-example-at-a-time backward() reference."""
+
+import copy
+
+import pytest
+import torch
+
+from spice_trainer.config import SpiceConfig
+from spice_trainer.gradients import compute_gradient_features, find_lora_weights, gradient_features
+from spice_trainer.projection import BlockProjector
+from spice_trainer.toy import add_lora, build_model, build_tokenizer
+
+TOK = build_tokenizer([f"w{i}" for i in range(60)])
+
+
+def _rows(n=9, seed=0, prompt_masked=2):
+    """Rows of random lengths; the first ``prompt_masked`` tokens carry no loss (completion-only)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(4, 14, (1,), generator=g))
+        ids = torch.randint(7, len(TOK), (length,), generator=g).tolist()
+        labels = [-100] * prompt_masked + ids[prompt_masked:]
+        rows.append({"input_ids": ids, "labels": labels, "text": "ignored string column"})
+    return rows
+
+
+def _model(family="llama", dtype=torch.float32):
+    return add_lora(build_model(TOK, family=family, hidden_size=32), r=4).to(dtype)
+
+
+def _projector(module, name, config):
+    """The projector the library uses for this weight (same seed, key without the PEFT wrapper prefix)."""
+    key = name.split("base_model.model.")[-1]
+    return BlockProjector(module.weight.numel(), config.proj_dim, config.projection, config.seed, key)
+
+
+def _reference(model, rows, config):
+    """Independent reference: loss.backward() one example at a time, LoRA .grad flattened and projected."""
+    _, lora = find_lora_weights(model)
+    projectors = [
+        BlockProjector(
+            m.weight.numel(), config.proj_dim, config.projection, config.seed, name.split("base_model.model.")[-1]
+        )
+        for name, m in lora
+    ]
+    model = copy.deepcopy(model)
+    _, lora = find_lora_weights(model)
+    model.eval()
+    out = []
+    for row in rows:
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+        loss.backward()
+        out.append(
+            sum(p.project(m.weight.grad.reshape(1, -1).float()) for p, (_, m) in zip(projectors, lora, strict=True))[0]
+        )
+    return torch.stack(out)
+
+
+class LeftPadCollator:
+    def __call__(self, rows):
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, width - n :] = torch.tensor(r["input_ids"])
+            labels[i, width - n :] = torch.tensor(r["labels"])
+            mask[i, width - n :] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_batched_features_equal_the_per_example_backward_loop(batch_size, padding):
+    model, rows = _model(), _rows()
+    config = SpiceConfig(proj_dim=48, feature_norm="none", batch_size=batch_size)
+    collator = LeftPadCollator() if padding == "left" else None
+    got = compute_gradient_features(model, rows, config, collator, show_progress=False)
+    ref = _reference(model, rows, config)
+    torch.testing.assert_close(got.features, ref, rtol=1e-4, atol=1e-5)
+    # After the causal shift, label positions 1..L-1 remain; position 1 is a masked prompt token.
+    assert got.num_tokens.tolist() == [len(r["input_ids"]) - 2 for r in rows]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "mistral"])
+def test_other_families(family):
+    model, rows = _model(family), _rows(5)
+    config = SpiceConfig(proj_dim=32, feature_norm="none", batch_size=4)
+    got = gradient_features(model, rows, config)
+    torch.testing.assert_close(got, _reference(model, rows, config), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("projection", ["gaussian", "sparse"])
+def test_other_projections_match_the_reference(projection):
+    model, rows = _model(), _rows(4)
+    config = SpiceConfig(proj_dim=32, feature_norm="none", projection=projection)
+    torch.testing.assert_close(
+        gradient_features(model, rows, config), _reference(model, rows, config), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_losses_match_transformers_loss_and_unit_norm():
+    model, rows = _model(), _rows(5)
+    got = compute_gradient_features(model, rows, SpiceConfig(proj_dim=32), show_progress=False)
+    model.eval()
+    for row, loss in zip(rows, got.losses, strict=True):
+        ref = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(got.features.norm(dim=1), torch.ones(5))
+
+
+def test_bf16_model_agrees_with_float32():
+    model, rows = _model(), _rows(6)
+    config = SpiceConfig(proj_dim=64, feature_norm="none")
+    f32 = gradient_features(model, rows, config)
+    bf16 = gradient_features(copy.deepcopy(model).to(torch.bfloat16), rows, config)
+    # bf16 carries ~3 significant digits through 2 layers; a cosine of 0.99 leaves room for that while
+    # still failing on any structural error (a wrong module or example gives cosines near 0).
+    cos = torch.nn.functional.cosine_similarity(f32, bf16, dim=1)
+    assert bool((cos > 0.99).all()), cos
+
+
+def test_same_seed_same_features_for_any_batch_size_and_seed_matters():
+    model, rows = _model(), _rows(7)
+    feats = [gradient_features(model, rows, SpiceConfig(proj_dim=16, batch_size=b)) for b in (1, 3, 8)]
+    torch.testing.assert_close(feats[0], feats[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feats[0], feats[2], rtol=1e-5, atol=1e-6)
+    other = gradient_features(model, rows, SpiceConfig(proj_dim=16, seed=7))
+    assert not torch.allclose(feats[0], other)
+
+
+def test_indices_compute_a_subset_in_order():
+    model, rows = _model(), _rows(6)
+    config = SpiceConfig(proj_dim=16)
+    full = compute_gradient_features(model, rows, config, show_progress=False)
+    part = compute_gradient_features(model, rows, config, indices=[4, 1], show_progress=False)
+    torch.testing.assert_close(part.features, full.features[[4, 1]], rtol=1e-5, atol=1e-6)
+
+
+def test_model_grads_modes_optimizer_and_rng_untouched():
+    model, rows = _model(), _rows(5)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss = model(input_ids=torch.tensor([rows[0]["input_ids"]]), labels=torch.tensor([rows[0]["labels"]])).loss
+    loss.backward()
+    optimizer.step()
+    grads_before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes_before = {n: m.training for n, m in model.named_modules()}
+    opt_before = copy.deepcopy(optimizer.state_dict())
+    rng_before = torch.get_rng_state()
+
+    compute_gradient_features(model, rows, SpiceConfig(proj_dim=16, feature_norm="adam"), optimizer=optimizer)
+
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert {n: m.training for n, m in model.named_modules()} == modes_before
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags_before
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params_before[n])
+        if grads_before[n] is None:
+            assert p.grad is None
+        else:
+            assert torch.equal(p.grad, grads_before[n])
+    after = optimizer.state_dict()
+    for key, state in opt_before["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(after["state"][key][name]), torch.as_tensor(value))
+
+
+def test_adam_normalisation_matches_a_hand_computation():
+    model, rows = _model(), _rows(3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
+    model.train()
+    for row in rows:
+        optimizer.zero_grad()
+        model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss.backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    config = SpiceConfig(proj_dim=24, feature_norm="adam")
+    got = compute_gradient_features(model, rows, config, optimizer=optimizer, show_progress=False).features
+
+    _, lora = find_lora_weights(model)
+    projectors = [
+        BlockProjector(m.weight.numel(), 24, "rademacher", config.seed, n.split("base_model.model.")[-1])
+        for n, m in lora
+    ]
+    model.eval()
+    expected = []
+    for row in rows:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss.backward()
+        total = torch.zeros(1, 24)
+        for proj, (_, m) in zip(projectors, lora, strict=True):
+            state = optimizer.state[m.weight]
+            v_hat = state["exp_avg_sq"] / (1 - 0.99 ** float(state["step"]))
+            total += proj.project((m.weight.grad / (v_hat.sqrt() + 1e-8)).reshape(1, -1))
+        expected.append(total[0])
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_adam_without_optimizer_is_a_clear_error():
+    with pytest.raises(ValueError, match="feature_norm='adam' needs the live optimizer"):
+        gradient_features(_model(), _rows(2), SpiceConfig(feature_norm="adam"))
+
+
+def test_model_without_lora_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"no LoRA adapter.*get_peft_model"):
+        gradient_features(build_model(TOK), _rows(2), SpiceConfig())
+
+
+def test_rows_without_supervised_tokens_or_input_ids():
+    rows = _rows(3)
+    rows[1]["labels"] = [-100] * len(rows[1]["input_ids"])
+    got = compute_gradient_features(_model(), rows, SpiceConfig(proj_dim=8), show_progress=False)
+    assert got.num_tokens[1] == 0 and torch.isnan(got.losses[1]) and torch.isnan(got.features[1]).all()
+    assert torch.isfinite(got.features[[0, 2]]).all()
+    with pytest.raises(ValueError, match="must be a dict with 'input_ids'"):
+        gradient_features(_model(), [{"text": "hello"}], SpiceConfig())
+
+
+def test_several_active_adapters_need_an_explicit_choice():
+    from peft import LoraConfig
+
+    model = _model()
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    with pytest.raises(ValueError, match="2 active LoRA adapters"):
+        gradient_features(model, _rows(2), SpiceConfig())
+    feats = compute_gradient_features(model, _rows(2), SpiceConfig(proj_dim=8), adapter_name="second").features
+    assert feats.shape == (2, 8)
