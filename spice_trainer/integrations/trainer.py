@@ -1,0 +1,560 @@
+"""SPICE inside `transformers.Trainer` and TRL `SFTTrainer`: `SpiceDataCallback` and `SpiceSampler`.
+
+``callbacks=[SpiceDataCallback(SpiceConfig(budget=0.1))]`` is all a training script adds. The callback
+is thin (STYLE.md principle 4): every round is `spice_trainer.pipeline.select` on the trainer's model and
+dataset, and `SpiceSampler` only replays recorded subsets. How it hooks in, without a subclass:
+
+1. ``on_init_end`` finds the trainer that owns the callback (or the user calls `SpiceDataCallback.attach`)
+   and replaces two *instance* attributes: ``_get_train_sampler`` (so the first selection runs when the
+   train dataloader is built — before the trainer derives its step count from ``len(dataloader)``, so
+   ``num_train_epochs`` means passes over the subset and the LR schedule spans exactly those steps) and
+   ``train`` (to learn ``resume_from_checkpoint``, so a resumed run reloads its subset instead of
+   selecting again).
+2. Reselection (``reselect_every_steps``) runs in ``on_step_end`` with the live model. The sampler's length
+   stays fixed; the new subset applies from the next sample position the dataloader has not drawn yet
+   (recorded, so a resumed run replays the same order).
+3. ``on_save`` writes ``spice_state.json`` into each checkpoint; each round logs ``spice/...`` metrics
+   through ``trainer.log`` and writes ``output_dir/spice/round-N.json`` and ``round-N.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from spice_trainer import distributed as sd
+from spice_trainer.config import SpiceConfig
+from spice_trainer.selection import Selection
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "spice_state.json"
+STATE_VERSION = 1
+# Config fields that may differ on resume without changing which rows were selected so far.
+_RESUME_SAFE_FIELDS = frozenset({"write_reports", "proxy_device"})
+
+SelectFn = Callable[..., Selection]
+
+
+# --- the sampler --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SubsetSwitch:
+    """A subset and the first sample position ``(epoch, position)`` it applies to."""
+
+    round: int
+    epoch: int
+    position: int
+    rows: list[int]
+
+
+class SpiceSampler(Sampler[int]):
+    """Yields rows of the selected subset, ``num_samples`` per epoch, in a seeded order.
+
+    Epoch ``e`` under subset round ``r`` draws a permutation of the subset from a local generator seeded
+    by ``(seed, e, r)``: if the subset has more rows than ``num_samples`` (mode ``"grow"``) the first
+    ``num_samples`` of the permutation are drawn, if fewer it cycles. A new subset (`switch_to`) applies
+    from the next position not yet drawn, so the length — and the trainer's step count — never change.
+    The same ``(history, epoch)`` gives the same sequence in every process, which is what accelerate's
+    batch sharding needs.
+
+    Args:
+        rows: the first subset (row indices of the training dataset).
+        seed: the order's seed (`SpiceConfig.seed`).
+        num_samples: rows per epoch; defaults to ``len(rows)``.
+    """
+
+    def __init__(self, rows: Sequence[int], *, seed: int = 42, num_samples: int | None = None) -> None:
+        if len(rows) == 0:
+            raise ValueError("SpiceSampler needs at least one row; the selection is empty")
+        self.seed = seed
+        self.num_samples = int(num_samples if num_samples is not None else len(rows))
+        self.history: list[SubsetSwitch] = [SubsetSwitch(0, 0, 0, [int(r) for r in rows])]
+        self.epoch = 0
+        self._drawn = 0  # positions already yielded in the running epoch
+        self._drawing_epoch: int | None = None
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    @property
+    def rows(self) -> list[int]:
+        """The current subset."""
+        return self.history[-1].rows
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer (and the callback) at the start of every epoch."""
+        self.epoch = int(epoch)
+
+    def drawn_position(self) -> tuple[int, int]:
+        """``(epoch, position)`` of the next sample not yet drawn."""
+        if self._drawing_epoch is None:
+            return self.epoch, 0
+        if self._drawn >= self.num_samples:
+            return self._drawing_epoch + 1, 0
+        return self._drawing_epoch, self._drawn
+
+    def switch_to(self, rows: Sequence[int], round_index: int, at: tuple[int, int] | None = None) -> SubsetSwitch:
+        """Draw from ``rows`` from position ``at`` (default: the next position not yet drawn) on."""
+        if len(rows) == 0:
+            raise ValueError("cannot switch the sampler to an empty subset")
+        epoch, position = at if at is not None else self.drawn_position()
+        switch = SubsetSwitch(round_index, epoch, position, [int(r) for r in rows])
+        self.history.append(switch)
+        return switch
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch
+        self._drawing_epoch, self._drawn = epoch, 0
+        for position in range(self.num_samples):
+            yield self.row_at(epoch, position)
+            self._drawn = position + 1
+
+    def row_at(self, epoch: int, position: int) -> int:
+        """The row drawn at ``(epoch, position)`` under the recorded history."""
+        active = self.history[0]
+        for switch in self.history:
+            if (switch.epoch, switch.position) <= (epoch, position):
+                active = switch
+        start = active.position if active.epoch == epoch else 0
+        order = self._order(epoch, active)
+        return order[(position - start) % len(order)]
+
+    def _order(self, epoch: int, switch: SubsetSwitch) -> list[int]:
+        key = (epoch, switch.round, switch.epoch, switch.position)
+        cached = getattr(self, "_order_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch * 1009 + switch.round)
+        perm = torch.randperm(len(switch.rows), generator=gen).tolist()
+        order = [switch.rows[i] for i in perm]
+        self._order_cache = (key, order)
+        return order
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "history": [vars(s) for s in self.history],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> SpiceSampler:
+        history = [SubsetSwitch(**s) for s in state["history"]]
+        sampler = cls(history[0].rows, seed=int(state["seed"]), num_samples=int(state["num_samples"]))
+        sampler.history = history
+        return sampler
+
+
+# --- the callback -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RoundRecord:
+    round: int
+    step: int
+    selected: int
+    stop_reason: str
+    first_gain: float | None
+    seconds: float
+
+
+@dataclass
+class _RunState:
+    """What a checkpoint carries: the sampler history, the rounds, and what they were computed on."""
+
+    fingerprint: str
+    config: dict[str, Any]
+    sampler: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    reference_gain: float | None = None
+
+
+class SpiceDataCallback(TrainerCallback):
+    """Select the training subset with SPICE before training, and again on schedule during it.
+
+    Works with `transformers.Trainer` and TRL's `SFTTrainer` as a plain callback. After training,
+    ``callback.selection`` is the latest `Selection` and ``callback.selected_rows`` the current subset as
+    rows of the dataset the user passed (through TRL's filtering and shuffling).
+
+    Args:
+        config: the selection settings.
+        select_fn: the function a round calls; defaults to `spice_trainer.pipeline.select` (a proxy- or
+            distribution-aware variant can be passed; it receives ``(model, dataset, config, collator, **kw)``).
+    """
+
+    def __init__(self, config: SpiceConfig | None = None, *, select_fn: SelectFn | None = None) -> None:
+        if config is not None and not isinstance(config, SpiceConfig):
+            raise TypeError(f"SpiceDataCallback takes a SpiceConfig, got {type(config).__name__}")
+        self.config = config or SpiceConfig()
+        self._select_fn = select_fn
+        self.trainer: Trainer | None = None
+        self.sampler: SpiceSampler | None = None
+        self.selection: Selection | None = None
+        self.rounds: list[_RoundRecord] = []
+        self._dataset: Any = None
+        self._fingerprint: str | None = None
+        self._resume_from: str | None = None
+        self._reference_gain: float | None = None
+        self._pending_logs: list[dict[str, float]] = []
+        self._last_round_step = -1
+
+    # --- wiring -------------------------------------------------------------------------------------
+    def attach(self, trainer: Trainer) -> SpiceDataCallback:
+        """Hook into ``trainer`` (done automatically when the callback is passed to the constructor)."""
+        if self.trainer is trainer:
+            return self
+        _check_supported(trainer, self.config)
+        self.trainer = trainer
+        original_sampler_fn = trainer._get_train_sampler
+        original_train = trainer.train
+
+        def get_train_sampler(train_dataset: Any = None) -> Sampler[int]:
+            dataset = train_dataset if train_dataset is not None else trainer.train_dataset
+            return self._build_sampler(dataset, fallback=original_sampler_fn)
+
+        def train(resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(_output_dir(trainer.args))
+            self._resume_from = str(resume_from_checkpoint) if resume_from_checkpoint else None
+            return original_train(resume_from_checkpoint, *args, **kwargs)
+
+        trainer._get_train_sampler = get_train_sampler  # type: ignore[method-assign]
+        trainer.train = train  # type: ignore[method-assign]
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        trainer = _find_owning_trainer(self)
+        if trainer is None:
+            raise RuntimeError(
+                "SpiceDataCallback could not find its Trainer; call `callback.attach(trainer)` after building it"
+            )
+        self.attach(trainer)
+
+    # --- the first round, when the train dataloader is built ---------------------------------------
+    def _build_sampler(self, dataset: Any, fallback: Callable[..., Any]) -> Sampler[int]:
+        trainer = self._require_trainer()
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ValueError(
+                "SPICE selection needs a map-style train_dataset with random access (len() and indexing); got "
+                f"{type(dataset).__name__}. Materialise an IterableDataset first (e.g. "
+                "datasets.Dataset.from_generator) or select offline with spice_trainer.select"
+            )
+        self._dataset = dataset
+        self._fingerprint = dataset_fingerprint(dataset)
+        if self.sampler is not None and self._resume_from is None:
+            # A second dataloader in the same run (e.g. after auto_find_batch_size): keep the subset.
+            return self.sampler
+        if self._resume_from is not None and self._load_checkpoint_state(self._resume_from):
+            assert self.sampler is not None
+            return self.sampler
+        self.config.budget_count(len(dataset))  # a clear error before any work when the budget cannot fit
+        selection = self._run_round(trainer.model, step=0)
+        rows = selection.selected
+        if not rows:
+            raise RuntimeError(
+                "SPICE selected no rows: every candidate was ineligible (non-finite loss or no supervised "
+                "token). Check the labels of the training data"
+            )
+        self.sampler = SpiceSampler(rows, seed=self.config.seed)
+        self._reference_gain = selection.gains[0] if selection.gains else None
+        self._finish_round(selection, step=0, rows=rows)
+        return self.sampler
+
+    # --- rounds during training ----------------------------------------------------------------------
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.sampler is not None and state.epoch is not None:
+            self.sampler.set_epoch(math.floor(state.epoch + 1e-6))
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._flush_logs()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        step = state.global_step
+        if self.sampler is None or step == self._last_round_step or not self._is_reselect_step(step):
+            return
+        if state.max_steps and step >= state.max_steps:
+            return  # nothing would be drawn from a subset chosen at the last step
+        trainer = self._require_trainer()
+        current = self.sampler.rows
+        grow = self.config.mode == "grow"
+        selection = self._run_round(
+            trainer.model,
+            step=step,
+            initial=current if grow else None,
+            reference_gain=self._reference_gain if grow else None,
+            optimizer=trainer.optimizer,
+        )
+        rows = selection.selected
+        if not rows:
+            logger.warning("spice: round at step %d selected nothing; keeping the previous subset", step)
+            return
+        at = self.sampler.drawn_position()
+        if sd.is_distributed():
+            # Every rank switches at the same position: the furthest any rank has drawn.
+            at = max(tuple(p) for p in sd.all_gather_ints(list(at)))  # type: ignore[assignment]
+        self.sampler.switch_to(rows, len(self.rounds), at)
+        self._finish_round(selection, step=step, rows=rows)
+        self._flush_logs()
+
+    def _is_reselect_step(self, step: int) -> bool:
+        schedule = self.config.reselect_every_steps
+        if schedule is None or step <= 0:
+            return False
+        if isinstance(schedule, int):
+            return step % schedule == 0
+        return step in schedule
+
+    def _run_round(self, model: Any, *, step: int, **kwargs: Any) -> Selection:
+        """One selection round on the training dataset (the single place a round selects)."""
+        trainer = self._require_trainer()
+        select_fn = self._select_fn
+        if select_fn is None:
+            from spice_trainer.pipeline import select
+
+            select_fn = select
+        config = self.config
+        if config.feature_norm == "adam" and kwargs.get("optimizer") is None:
+            logger.info("spice: feature_norm='adam' needs optimizer state; the first round uses unit norm")
+            config = config.with_changes(feature_norm="unit")
+        show = sd.is_main_process() and not trainer.args.disable_tqdm
+        start = time.perf_counter()
+        selection = select_fn(model, self._dataset, config, _gradient_collator(trainer), show_progress=show, **kwargs)
+        selection.metadata.setdefault("seconds", time.perf_counter() - start)
+        selection.metadata.update({"round": len(self.rounds), "step": step, "mode": self.config.mode})
+        return selection
+
+    def _finish_round(self, selection: Selection, *, step: int, rows: list[int]) -> None:
+        self.selection = selection
+        self._last_round_step = step
+        record = _RoundRecord(
+            round=len(self.rounds),
+            step=step,
+            selected=len(rows),
+            stop_reason=selection.stop_reason,
+            first_gain=selection.gains[0] if selection.gains else None,
+            seconds=float(selection.metadata.get("seconds", 0.0)),
+        )
+        self.rounds.append(record)
+        conflicts = selection.conflicts
+        stop_reasons = {"budget": 0.0, "early_stop": 1.0, "exhausted": 2.0}
+        self._pending_logs.append(
+            {
+                "spice/round": float(record.round),
+                "spice/selected": float(len(rows)),
+                "spice/picked": float(len(selection.indices)),
+                "spice/first_gain": selection.gains[0] if selection.gains else 0.0,
+                "spice/last_gain": selection.gains[-1] if selection.gains else 0.0,
+                "spice/mean_conflict": sum(conflicts) / len(conflicts) if conflicts else 0.0,
+                "spice/stop_step": float(len(selection.indices)),
+                "spice/stop_reason": stop_reasons.get(selection.stop_reason, -1.0),
+                "spice/seconds": record.seconds,
+            }
+        )
+        logger.info(
+            "spice: round %d at step %d selected %d rows (%s) in %.1fs",
+            record.round,
+            step,
+            len(rows),
+            selection.stop_reason,
+            record.seconds,
+        )
+        self._write_report(selection, record.round)
+
+    def _flush_logs(self) -> None:
+        trainer = self.trainer
+        if trainer is None or not self._pending_logs:
+            return
+        pending, self._pending_logs = self._pending_logs, []
+        for logs in pending:
+            trainer.log(logs)
+
+    def _write_report(self, selection: Selection, round_index: int) -> None:
+        trainer = self._require_trainer()
+        if not self.config.write_reports or not sd.is_main_process():
+            return
+        folder = Path(_output_dir(trainer.args)) / "spice"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            selection.save(folder / f"round-{round_index}.json")
+        except OSError as err:  # a full or read-only disk must not stop training
+            logger.warning("spice: could not write the round-%d report to %s: %s", round_index, folder, err)
+            return
+        try:
+            selection.plot(folder / f"round-{round_index}.png")
+        except ImportError:
+            logger.info("spice: matplotlib is not installed; skipping round-%d.png", round_index)
+        except OSError as err:
+            logger.warning("spice: could not write round-%d.png: %s", round_index, err)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The JSON-serialisable state a checkpoint carries."""
+        if self.sampler is None:
+            return {}
+        run = _RunState(
+            fingerprint=self._fingerprint or "",
+            config=self.config.to_dict(),
+            sampler=self.sampler.state_dict(),
+            rounds=[vars(r) for r in self.rounds],
+            reference_gain=self._reference_gain,
+        )
+        return {"version": STATE_VERSION, **vars(run)}
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.sampler is None or not state.is_world_process_zero:
+            return
+        folder = Path(_output_dir(args)) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            logger.warning("spice: checkpoint folder %s not found; the selection state was not saved", folder)
+            return
+        tmp = folder / f".{STATE_FILE}.tmp"
+        try:
+            tmp.write_text(json.dumps(self.state()))
+            os.replace(tmp, folder / STATE_FILE)
+        except OSError as err:
+            logger.warning("spice: could not save the selection state into %s: %s", folder, err)
+
+    def _load_checkpoint_state(self, checkpoint: str) -> bool:
+        path = Path(checkpoint) / STATE_FILE
+        if not path.is_file():
+            logger.warning("spice: %s has no %s; selecting afresh", checkpoint, STATE_FILE)
+            return False
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") != self._fingerprint:
+            raise ValueError(
+                f"the training dataset differs from the one checkpoint {checkpoint!r} selected from "
+                f"(fingerprint {saved.get('fingerprint')!r} vs {self._fingerprint!r}); resume with the same "
+                "dataset, or start a new run (new output_dir) to select on the new data"
+            )
+        changed = sorted(
+            k
+            for k, v in self.config.to_dict().items()
+            if k not in _RESUME_SAFE_FIELDS and saved.get("config", {}).get(k, v) != v
+        )
+        if changed:
+            raise ValueError(
+                f"SpiceConfig changed since checkpoint {checkpoint!r} was written (fields: {', '.join(changed)}); "
+                "resume with the same config, or start a new run"
+            )
+        self.sampler = SpiceSampler.from_state_dict(saved["sampler"])
+        self.rounds = [_RoundRecord(**r) for r in saved.get("rounds", [])]
+        self._reference_gain = saved.get("reference_gain")
+        self._last_round_step = self.rounds[-1].step if self.rounds else -1
+        logger.info("spice: resumed the selection state of %s (%d rounds)", checkpoint, len(self.rounds))
+        return True
+
+    # --- results -----------------------------------------------------------------------------------
+    @property
+    def selected(self) -> list[int]:
+        """The current subset as rows of the trainer's training dataset."""
+        return list(self.sampler.rows) if self.sampler is not None else []
+
+    @property
+    def selected_rows(self) -> list[int]:
+        """The current subset as rows of the dataset the user passed (before TRL's filtering/shuffling)."""
+        return [int(i) for i in source_rows(self._dataset, self.selected)] if self._dataset is not None else []
+
+    def _require_trainer(self) -> Trainer:
+        if self.trainer is None:
+            raise RuntimeError("SpiceDataCallback is not attached to a Trainer; call `callback.attach(trainer)`")
+        return self.trainer
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _find_owning_trainer(callback: SpiceDataCallback) -> Trainer | None:
+    """The `Trainer` under construction whose callback list holds ``callback`` (found on the call stack)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
+                return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def _output_dir(args: TrainingArguments) -> str:
+    return str(args.output_dir or "trainer_output")
+
+
+def _check_supported(trainer: Trainer, config: SpiceConfig) -> None:
+    args = trainer.args
+    if getattr(args, "packing", False):
+        raise ValueError(
+            "SpiceDataCallback does not support packing=True: packed sequences mix several rows, so a row's "
+            "gradient cannot be measured or drawn on its own. Set packing=False in SFTConfig (padding_free "
+            "without packing is fine), or select offline with spice_trainer.select and pack the subset"
+        )
+    strategy = getattr(args, "train_sampling_strategy", "random")
+    if strategy not in (None, "random", "sequential"):
+        raise ValueError(
+            f"train_sampling_strategy={strategy!r} replaces the sampler SPICE draws from; use the default "
+            "'random' with SpiceDataCallback"
+        )
+    if getattr(args, "group_by_length", False):
+        raise ValueError("group_by_length=True replaces the sampler SPICE draws from; set group_by_length=False")
+    if (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled) and config.proxy_model is None:
+        raise ValueError(
+            "under DeepSpeed or FSDP the live model's LoRA weights are sharded, so SPICE cannot measure "
+            "per-example gradients on it: set SpiceConfig(proxy_model=...) to a smaller model of the same "
+            "family (it stays outside the wrapper)"
+        )
+
+
+def _gradient_collator(trainer: Trainer) -> Callable[[list[dict[str, Any]]], dict[str, Any]] | None:
+    """The trainer's collator, unless it flattens the batch (padding-free), where rows must stay apart."""
+    collator = trainer.data_collator
+    if collator is None or getattr(collator, "padding_free", False) or getattr(collator, "return_position_ids", False):
+        return None
+    return collator
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """A cheap identity of the training rows: their count and a hash of up to 64 evenly spaced rows."""
+    n = len(dataset)
+    h = hashlib.sha256(str(n).encode())
+    for i in sorted({int(j * (n - 1) / 63) for j in range(64)} if n > 1 else set(range(n))):
+        row = dataset[i]
+        ids = row.get("input_ids") if isinstance(row, dict) else row
+        h.update(repr(ids.tolist() if isinstance(ids, torch.Tensor) else ids).encode())
+    return h.hexdigest()[:32]
+
+
+def source_rows(dataset: Any, rows: Sequence[int]) -> list[int]:
+    """Map rows of a processed `datasets.Dataset` to rows of the dataset it was built from.
+
+    TRL tokenises with ``map`` (one row out per row in, same order), then may ``filter`` and ``shuffle``;
+    both leave an indices mapping over the mapped table, which is what this reads. Without a mapping the
+    rows are their own source.
+    """
+    mapping = getattr(dataset, "_indices", None)
+    if mapping is None:
+        return [int(r) for r in rows]
+    column = mapping.column(0)
+    return [int(column[int(r)].as_py()) for r in rows]
