@@ -251,12 +251,7 @@ class SpiceDataCallback(TrainerCallback):
     # --- the first round, when the train dataloader is built ---------------------------------------
     def _build_sampler(self, dataset: Any, fallback: Callable[..., Any]) -> Sampler[int]:
         trainer = self._require_trainer()
-        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            raise ValueError(
-                "SPICE selection needs a map-style train_dataset with random access (len() and indexing); got "
-                f"{type(dataset).__name__}. Materialise an IterableDataset first (e.g. "
-                "datasets.Dataset.from_generator) or select offline with spice_trainer.select"
-            )
+        _check_map_style(dataset)
         self._dataset = dataset
         self._fingerprint = dataset_fingerprint(dataset)
         if self.sampler is not None and self._resume_from is None:
@@ -499,12 +494,28 @@ def _find_owning_trainer(callback: SpiceDataCallback) -> Trainer | None:
     return None
 
 
+def _check_map_style(dataset: Any) -> None:
+    if dataset is None:
+        raise ValueError(
+            "SpiceDataCallback needs a train_dataset to select from; pass train_dataset=... to the trainer"
+        )
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not (
+        hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+    ):
+        raise ValueError(
+            "SPICE selection needs a map-style train_dataset with random access (len() and indexing); got "
+            f"{type(dataset).__name__}. Materialise an IterableDataset first (e.g. "
+            "datasets.Dataset.from_generator) or select offline with spice_trainer.select"
+        )
+
+
 def _output_dir(args: TrainingArguments) -> str:
     return str(args.output_dir or "trainer_output")
 
 
 def _check_supported(trainer: Trainer, config: SpiceConfig) -> None:
     args = trainer.args
+    _check_map_style(trainer.train_dataset)
     if getattr(args, "packing", False):
         raise ValueError(
             "SpiceDataCallback does not support packing=True: packed sequences mix several rows, so a row's "
