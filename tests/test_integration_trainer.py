@@ -1,5 +1,6 @@
 """SpiceDataCallback on a real transformers.Trainer: what the dataloader draws, steps, rounds, resume."""
 
+import itertools
 import json
 
 import pytest
@@ -77,7 +78,7 @@ def test_reselection_fires_on_schedule_and_changes_what_is_drawn(tmp_path):
     expected = [sampler.row_at(epoch, pos) for epoch in range(4) for pos in range(len(sampler))]
     assert drawn == expected
     subsets = [switch.rows for switch in sampler.history]
-    assert any(set(a) != set(b) for a, b in zip(subsets, subsets[1:], strict=False))
+    assert any(set(a) != set(b) for a, b in itertools.pairwise(subsets))
     later = sampler.history[-1]
     assert set(drawn[later.epoch * len(sampler) + later.position :]) <= set(later.rows)
 
@@ -90,7 +91,7 @@ def test_grow_never_drops_a_selected_row(tmp_path):
     _, callback, _, _ = _train(tmp_path, config, num_train_epochs=3, learning_rate=5e-2)
     subsets = [switch.rows for switch in callback.sampler.history]
     assert len(subsets) >= 3
-    for before, after in zip(subsets, subsets[1:], strict=False):
+    for before, after in itertools.pairwise(subsets):
         assert after[: len(before)] == before  # kept, in order, and only appended to
     assert len(subsets[-1]) <= 16
 
