@@ -104,11 +104,12 @@ def test_other_projections_match_the_reference(projection):
 
 def test_losses_match_transformers_loss_and_unit_norm():
     model, rows = _model(), _rows(5)
-    got = compute_gradient_features(model, rows, SpiceConfig(proj_dim=32), show_progress=False)
+    got = compute_gradient_features(model, rows, SpiceConfig(proj_dim=32, feature_norm="unit"), show_progress=False)
     model.eval()
     for row, loss in zip(rows, got.losses, strict=True):
         ref = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
-        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        # Batched (padded, several rows per matmul) vs a batch of one: float32 reduction order differs.
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
     torch.testing.assert_close(got.features.norm(dim=1), torch.ones(5))
 
 
