@@ -24,7 +24,7 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _train(tmp_path, config, *, data=None, model=None, stop_at=None, **arg_overrides):
+def _train(tmp_path, config, *, data=None, model=None, stop_at=None, eval_dataset=None, **arg_overrides):
     data = data if data is not None else tw.dataset()
     collator = tw.RecordingCollator()
     callback = SpiceDataCallback(config)
@@ -32,6 +32,7 @@ def _train(tmp_path, config, *, data=None, model=None, stop_at=None, **arg_overr
         model=model if model is not None else tw.model(),
         args=tw.args(tmp_path / "run", **arg_overrides),
         train_dataset=data,
+        eval_dataset=eval_dataset,
         data_collator=collator,
         callbacks=[callback] + ([StopAt(stop_at)] if stop_at else []),
     )
@@ -220,3 +221,25 @@ def test_sampler_standalone_order_is_seeded_and_cycles():
     restored = SpiceSampler.from_state_dict(json.loads(json.dumps(sampler.state_dict())))
     restored.set_epoch(1)
     assert list(restored) == list(sampler)
+
+
+def test_dataloader_workers_and_eval_dataset(tmp_path):
+    # Workers fetch rows in other processes; the sampler still runs in the main one, so the order and
+    # therefore the losses match a run without workers. The eval dataset is evaluated whole.
+    config = SpiceConfig(budget=0.25, proj_dim=32)
+    evaluation = tw.dataset(12, seed=9)
+    runs = []
+    for workers in (0, 2):
+        trainer, callback, _, _ = _train(
+            tmp_path / f"w{workers}",
+            config,
+            eval_dataset=evaluation,
+            dataloader_num_workers=workers,
+            eval_strategy="epoch",
+        )
+        runs.append((trainer, callback))
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t, _ in runs]
+    eval_losses = [[e["eval_loss"] for e in t.state.log_history if "eval_loss" in e] for t, _ in runs]
+    assert losses[0] == losses[1] and len(eval_losses[0]) == 2
+    assert runs[0][1].selected == runs[1][1].selected
+    assert len(runs[0][0].get_eval_dataloader().dataset) == 12  # every eval row: untouched by the selection
