@@ -12,6 +12,8 @@ Methods (each trains a fresh LoRA on the rows it chose):
   feature_norm="none")``;
 * ``paper``         the paper-exact preset ``SpiceConfig.paper(budget=0.1)`` (early stopping on);
 * ``ours``          the library defaults ``SpiceConfig(budget=0.1)``;
+* ``band``          experimental, not a `SpiceConfig` option yet: the SPICE greedy restricted to the
+  "small-loss band" of the rows the model does not solve yet (see `small_loss_band_select`);
 * any ``--variant NAME=field:value,...`` (a `SpiceConfig` with those fields changed from the defaults).
 
 Training protocol: the same number of *epochs* for every method (``--epochs``, default 20) over its own
@@ -47,7 +49,7 @@ from spice_trainer.config import SpiceConfig
 from spice_trainer.pipeline import select
 from spice_trainer.toy import add_lora
 
-BASE_METHODS = ("full", "random", "fisher", "paper", "ours")
+BASE_METHODS = ("full", "random", "fisher", "paper", "ours", "band")
 # Shared with the demo: the base model has seen a few hard rows (see spice_trainer.cli.WORLD_OPTIONS).
 WORLD_OPTIONS: dict[str, Any] = {"pretrain_hard_share": 0.03}
 
@@ -72,7 +74,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     for item in filter(None, spec.split(",")):
         key, _, raw = item.partition(":")
         value: Any
-        if raw.lower() == "none":
+        if raw.lower() == "none" and key not in ("feature_norm",):  # feature_norm="none" is a string value
             value = None
         else:
             try:
@@ -113,10 +115,13 @@ def run_one(
         gen = torch.Generator(device="cpu").manual_seed(10_000 + seed)
         indices = torch.randperm(n, generator=gen)[:budget].tolist()
     else:
-        assert config is not None, f"unknown method {method!r}"
         rows = world.tokenize_rows(tokenizer, pool.rows)
         start = time.perf_counter()
-        selection = select(model, rows, config, show_progress=False)
+        if method == "band":
+            selection = small_loss_band_select(model, rows, seed)
+        else:
+            assert config is not None, f"unknown method {method!r}"
+            selection = select(model, rows, config, show_progress=False)
         select_seconds = time.perf_counter() - start
         indices = selection.selected
         selection.metadata["kinds"] = [pool.kinds[i] for i in selection.indices]
@@ -146,6 +151,29 @@ def run_one(
 
 
 TRAIN: dict[str, Any] = {"learning_rate": 5e-3, "batch_size": 16}
+
+# The experimental "band" guard (not a SpiceConfig option): a row is eligible when the model does not
+# solve it yet (loss > SOLVED_LOSS nats per token, i.e. p(next token) < ~0.9) and its loss is in the lower
+# BAND_QUANTILE of those unsolved rows -- the small-loss criterion of learning with noisy labels
+# (Han et al. 2018, Co-teaching): wrong labels cost the base model more loss than right ones.
+SOLVED_LOSS = 0.1
+BAND_QUANTILE = 0.3
+
+
+def small_loss_band_select(model: Any, rows: list[dict[str, Any]], seed: int) -> Any:
+    """SPICE greedy (raw gradients, λ = 0.1, no early stopping) over the small-loss band of unsolved rows."""
+    from spice_trainer.gradients import compute_gradient_features
+    from spice_trainer.greedy import select_from_features
+
+    config = SpiceConfig(budget=0.1, seed=seed, feature_norm="none", stop_ratio=None, max_loss_quantile=None)
+    grads = compute_gradient_features(model, rows, config, show_progress=False)
+    losses = grads.losses
+    unsolved = torch.isfinite(losses) & (losses > SOLVED_LOSS)
+    cap = torch.quantile(losses[unsolved].double(), BAND_QUANTILE).item()
+    eligible = unsolved & (losses.double() <= cap)
+    selection = select_from_features(grads.features, config, eligible=eligible)
+    selection.metadata["loss_guard_excluded"] = int((~eligible).sum())
+    return selection
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,12 +201,13 @@ def save_rows(dataset: Any, fmt: str, out_dir: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_model(path: str | Path) -> tuple[Any, Any, str]:
+def load_model(path: str | Path, *, seed: int = 42) -> tuple[Any, Any, str]:
     """Load a local causal LM with a trainable LoRA adapter, and its tokenizer.
 
     A folder with ``adapter_config.json`` is a PEFT adapter: its base model is loaded from the path the
     adapter names (a local folder) and the adapter is made trainable. A plain model folder gets a
-    default LoRA (``r=8``, ``alpha=16``, all linear layers) and a note says so. The tokenizer comes
+    default LoRA (``r=8``, ``alpha=16``, all linear layers, initialised from ``seed`` without moving the
+    global RNG) and a note says so. The tokenizer comes
     from the given folder, else from the adapter's base model folder.
 
     Returns:
@@ -234,7 +236,11 @@ def load_model(path: str | Path) -> tuple[Any, Any, str]:
         note = f"loaded the PEFT adapter {path} on the base model {base_path}"
     elif (path / "config.json").exists():
         base = AutoModelForCausalLM.from_pretrained(str(path))
-        model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **DEFAULT_LORA))  # type: ignore[arg-type]
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **DEFAULT_LORA))  # type: ignore[arg-type]
         tokenizer_dir = path
         note = (
             f"{path} has no adapter: added a default LoRA (r={DEFAULT_LORA['r']}, alpha={DEFAULT_LORA['lora_alpha']}, "
@@ -303,7 +309,11 @@ def run_select(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     dataset, fmt = load_rows(args.dataset)
     dataset_format(dataset.column_names)
-    model, tokenizer, note = load_model(args.model)
+    try:
+        config.budget_count(len(dataset))
+    except ValueError as err:
+        raise CliError(f"--budget: {err}") from err
+    model, tokenizer, note = load_model(args.model, seed=config.seed)
     print(note)
     rows = tokenize_for_selection(tokenizer, dataset, max_length=config.max_length)
     out = Path(args.out)
@@ -443,8 +453,8 @@ class DemoSettings:
     test_rows_per_task: int
 
 
-DEMO_FULL = DemoSettings(pool_size=2000, epochs=20.0, pretrain_rows=3000, test_rows_per_task=100)
-DEMO_QUICK = DemoSettings(pool_size=800, epochs=12.0, pretrain_rows=2000, test_rows_per_task=50)
+DEMO_FULL = DemoSettings(pool_size=1000, epochs=20.0, pretrain_rows=3000, test_rows_per_task=100)
+DEMO_QUICK = DemoSettings(pool_size=500, epochs=20.0, pretrain_rows=3000, test_rows_per_task=50)
 DEMO_LEARNING_RATE = 5e-3
 DEMO_BATCH_SIZE = 16
 
@@ -459,7 +469,7 @@ class DemoResult:
 
 
 def run_demo_experiment(
-    out_dir: str | Path, *, quick: bool = False, seed: int = 0, scenario: str = "noisy"
+    out_dir: str | Path, *, quick: bool = False, seed: int = 0, scenario: str = "curated"
 ) -> DemoResult:
     """SPICE 10 % vs random 10 % vs the full pool on the synthetic world, with TRL's `SFTTrainer`.
 
@@ -478,6 +488,7 @@ def run_demo_experiment(
 
     import datasets
     import torch
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
     from spice_trainer import world
@@ -506,6 +517,7 @@ def run_demo_experiment(
         callbacks: list[Any] = []
         dataset = train_ds
         offline_selection = None
+        callback: Any = None
         if method == "spice":
             callback = _spice_callback(config)
             if callback is not None:
@@ -522,12 +534,16 @@ def run_demo_experiment(
             processing_class=tokenizer,
             callbacks=callbacks,
         )
+        trainer.remove_callback(PrinterCallback)  # the demo prints its own table
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
         if method == "spice":
-            selection = offline_selection if offline_selection is not None else _load_first_round(run_dir)
-            used = selection.selected if selection is not None else []
+            if offline_selection is not None:
+                selection, used = offline_selection, offline_selection.selected
+            else:
+                # The rows of *our* dataset the callback trained on (through TRL's filtering/shuffling).
+                selection, used = callback.selection, callback.selected_rows
         elif method == "random":
             used = random_rows
         else:
@@ -572,17 +588,6 @@ def _offline_select(model: Any, tokenizer: Any, rows: list[dict[str, str]], conf
     from spice_trainer.pipeline import select
 
     return select(model, world.tokenize_rows(tokenizer, rows), config, show_progress=False)
-
-
-def _load_first_round(run_dir: Path) -> Any:
-    from spice_trainer.selection import Selection
-
-    try:
-        files = find_selections(run_dir)
-    except CliError:
-        logger.warning("demo: no selection round was written under %s", run_dir)
-        return None
-    return Selection.load(files[0])
 
 
 def _sft_config(output_dir: Path, epochs: float, seed: int) -> Any:
@@ -691,8 +696,25 @@ def _plot_demo(path: Path, results: list[dict[str, Any]]) -> bool:
 
 def run_demo(args: argparse.Namespace) -> int:
     """``spice-trainer demo``: see `run_demo_experiment`."""
+    import datasets
+    import torch
+    import transformers
+
     print("building the world and training three adapters (spice, random, full); this takes a few minutes...")
-    result = run_demo_experiment(Path(args.out), quick=args.quick, seed=args.seed, scenario=args.scenario)
+    # The demo's models are tiny: one thread is faster than several fighting over a shared CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            # transformers 5 deprecation notices about arguments the demo never sets.
+            warnings.simplefilter("ignore", FutureWarning)
+            result = run_demo_experiment(Path(args.out), quick=args.quick, seed=args.seed, scenario=args.scenario)
+    finally:
+        torch.set_num_threads(threads)
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
     print(result.table)
     print(f"\nreport written to {result.report_path}")
     return 0
@@ -724,8 +746,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="spice_report", help="folder for the report (default: ./spice_report)")
     demo.add_argument("--quick", action="store_true", help="a smaller pool and fewer epochs (about a minute)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the world and the training runs (default 0)")
+    demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for tiny models)")
     demo.add_argument(
-        "--scenario", choices=("curated", "noisy"), default="noisy", help="which candidate pool (default: noisy)"
+        "--scenario",
+        choices=("curated", "noisy"),
+        default="curated",
+        help="which candidate pool: curated (8%% noise, the default) or noisy (half corrupted: the hard case)",
     )
     demo.set_defaults(func=run_demo)
 

@@ -21,7 +21,7 @@ StopOn = Literal["gain", "score"]
 class SpiceConfig:
     """Configuration of SPICE data selection.
 
-    The defaults are tuned to hold up on noisy instruction pools (see `docs/quality.md`);
+    The defaults are chosen on the quality benchmark (`bench/quality.py`, `docs/quality.md`);
     `SpiceConfig.paper(...)` gives the paper-exact behaviour.
 
     Args:
@@ -32,9 +32,11 @@ class SpiceConfig:
             α in ``U(S) = log det(I + α F_S)``. Larger values make the log-det saturate sooner.
         conflict_weight (`float`, defaults to 0.1):
             λ in ``score = Δ − λ c``. 0 gives plain Fisher (log-det) greedy. The paper finds [0.1, 0.5] stable.
-        stop_ratio (`float` or `None`, defaults to 0.5):
+        stop_ratio (`float` or `None`, defaults to `None`):
             ω: stop at the first pick whose watched gain is ``<= ω ×`` the first pick's gain.
-            `None` disables early stopping, so exactly the budget is selected.
+            `None` disables early stopping, so exactly the budget is selected (the default: on the quality
+            benchmark ω = 0.5 stopped at a quarter of the budget and lost half the accuracy gain; the paper
+            preset keeps 0.5).
         stop_on (`"gain"` or `"score"`, defaults to `"gain"`):
             Which quantity the early-stopping rule watches: the information gain Δ (the paper) or the
             penalized score Δ − λc.
@@ -42,13 +44,16 @@ class SpiceConfig:
             d, the dimension gradients are projected to. Memory for features is ``n × d``.
         projection (`"rademacher"`, `"gaussian"` or `"sparse"`, defaults to `"rademacher"`):
             The random projection family (all are Johnson-Lindenstrauss projections).
-        feature_norm (`"none"`, `"unit"` or `"adam"`, defaults to `"unit"`):
-            How projected gradients are normalised before selection. `"unit"` scales each to norm 1, so
-            a mislabeled row's huge gradient cannot buy its way in; `"none"` is the paper's raw gradient;
-            `"adam"` preconditions with a live optimizer's second moments (LESS).
-        max_loss_quantile (`float` or `None`, defaults to `None`):
+        feature_norm (`"none"`, `"unit"` or `"adam"`, defaults to `"none"`):
+            How projected gradients are normalised before selection. `"none"` is the paper's raw gradient:
+            rows the model already solves have near-zero gradients and are never picked. `"unit"` scales
+            each to norm 1, which also inflates those solved rows' noise-like gradients (on the quality
+            benchmark it filled half the budget with them); `"adam"` preconditions with a live optimizer's
+            second moments (LESS).
+        max_loss_quantile (`float` or `None`, defaults to 0.9):
             Guard against junk rows: candidates whose loss is above this quantile of the pool's losses are
-            never picked. `None` disables the guard.
+            never picked (by default the 10 % highest-loss rows, where junk and mislabeled rows gather and
+            which raw gradients would otherwise favour). `None` disables the guard (the paper).
         seed (`int`, defaults to 42):
             Seeds the projection, stochastic greedy and the sampler's order. Global RNG is never touched.
         greedy (`"exact"`, `"stochastic"` or `"pooled"`, defaults to `"exact"`):
@@ -91,14 +96,14 @@ class SpiceConfig:
     budget: float | int = 0.1
     fisher_scale: float = 1.0
     conflict_weight: float = 0.1
-    stop_ratio: float | None = 0.5
+    stop_ratio: float | None = None
     stop_on: StopOn = "gain"
 
     # --- gradient features ---------------------------------------------------------------
     proj_dim: int = 256
     projection: ProjectionKind = "rademacher"
-    feature_norm: FeatureNorm = "unit"
-    max_loss_quantile: float | None = None
+    feature_norm: FeatureNorm = "none"
+    max_loss_quantile: float | None = 0.9
     batch_size: int = 8
     max_length: int | None = None
     feature_store: str | None = None

@@ -124,7 +124,7 @@ def test_fingerprint_tracks_what_changes_features() -> None:
     for change in (
         {"proj_dim": 16},
         {"projection": "gaussian"},
-        {"feature_norm": "none"},
+        {"feature_norm": "unit"},
         {"seed": 1},
         {"max_length": 2},
     ):
