@@ -152,8 +152,8 @@ def compute_gradient_features(
         `GradientFeatures` with rows in ``indices`` order.
 
     Raises:
-        ValueError: no LoRA adapter, a row without ``input_ids``, ``feature_norm="adam"`` without an Adam
-            optimizer.
+        ValueError: no LoRA adapter, a row without ``input_ids``, a label outside the vocabulary (other than
+            -100), ``feature_norm="adam"`` without an Adam optimizer.
     """
     rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     adapter, lora = find_lora_weights(model, adapter_name)
@@ -184,7 +184,7 @@ def compute_gradient_features(
         for b, batch_rows in enumerate(batches):
             batch = collate([_prepare_row(dataset[i], config.max_length) for i in batch_rows])
             lo = b * config.batch_size
-            out = _batch_features(model, weights, batch, device, adam_denoms)
+            out = _batch_features(model, weights, batch, device, adam_denoms, batch_rows)
             features[lo : lo + len(batch_rows)] = out[0]
             losses[lo : lo + len(batch_rows)] = out[1]
             num_tokens[lo : lo + len(batch_rows)] = out[2]
@@ -215,6 +215,7 @@ def _batch_features(
     batch: dict[str, Any],
     device: torch.device,
     adam_denoms: dict[int, torch.Tensor] | None,
+    rows: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     input_ids = torch.as_tensor(batch["input_ids"]).to(device)
     labels = torch.as_tensor(batch.get("labels", input_ids)).to(device)
@@ -233,6 +234,7 @@ def _batch_features(
 
     with torch.enable_grad():
         logits = model(**kwargs).logits
+        _check_labels(labels, logits.shape[-1], rows)
         per_example, counts = _per_example_loss(logits, labels)
         valid = torch.isfinite(per_example) & (counts > 0)
         if not bool(valid.any()):
@@ -284,6 +286,24 @@ def _per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     summed = (token_loss * mask).sum(dim=1)
     losses = torch.where(counts > 0, summed / counts.clamp_min(1), torch.full_like(summed, float("nan")))
     return losses, counts
+
+
+def _check_labels(labels: torch.Tensor, vocab_size: int, rows: Sequence[int]) -> None:
+    """Every target label (labels shifted left by one) is -100 or a token id in ``[0, vocab_size)``.
+
+    An out-of-range target makes cross-entropy fail (CPU) or assert on the device (CUDA), and a negative
+    one other than -100 (e.g. -1 used as "ignore") would otherwise be read as token 0: name the rows.
+    """
+    targets = labels[:, 1:]
+    bad = (targets != -100) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        where = bad.any(dim=1).nonzero().flatten().tolist()
+        value = int(targets[bad][0])
+        raise ValueError(
+            f"dataset rows {[rows[i] for i in where][:10]} have labels outside [0, {vocab_size}) (e.g. {value}); "
+            "labels must be token ids of the model's vocabulary, with -100 marking tokens without loss. Check "
+            "the tokenizer matches the model, and use -100 (not -1) to mask tokens"
+        )
 
 
 @contextmanager

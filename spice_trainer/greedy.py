@@ -94,7 +94,8 @@ def select_from_features(
 
     Raises:
         TypeError: ``features`` is not a floating tensor, or ``eligible`` is not a bool tensor.
-        ValueError: ``features`` is not 2-D or is empty, every row is non-finite, the budget exceeds ``n``,
+        ValueError: ``features`` is not 2-D or is empty, every row is non-finite, every finite row is exactly
+            zero (no information to select on), the budget exceeds ``n``,
             ``initial`` has out-of-range, duplicated or non-finite rows, ``eligible`` has the wrong shape.
     """
     start = time.perf_counter()
@@ -111,6 +112,14 @@ def select_from_features(
     skipped = (~finite).nonzero().flatten().tolist() if n_finite < n else []
     # Zero the non-finite rows so that no matmul propagates NaN; they are never eligible.
     clean = feats if not skipped else torch.where(finite.unsqueeze(1), feats, torch.zeros((), dtype=feats.dtype))
+    if not bool(clean.any()):
+        # Every gain would be 0: the "selection" would be the first rows by index, which looks like a
+        # result but carries no information. Say so instead.
+        raise ValueError(
+            f"every finite row of features ({n_finite} of {n}) is exactly zero, so every gain is 0 and there is "
+            "nothing to select on. The gradients carry no signal: check that the loss reaches the LoRA adapter "
+            "(both lora_A and lora_B at zero, a disabled/merged adapter, or every label masked)"
+        )
     init = _check_initial(initial, n, skipped)
     mask = finite.clone()
     if eligible is not None:
@@ -442,8 +451,12 @@ def _check_features(features: Any) -> torch.Tensor:
             "use features.reshape(n, -1) or features.unsqueeze(0) for a single row"
         )
     n, d = features.shape
-    if n == 0 or d == 0:
-        raise ValueError(f"features is empty (shape {(n, d)}); there must be at least one row and one column")
+    if n == 0:
+        raise ValueError(
+            f"cannot select from an empty pool: features has 0 rows (shape {(n, d)}); the dataset is empty"
+        )
+    if d == 0:
+        raise ValueError(f"features has 0 columns (shape {(n, d)}); proj_dim must be >= 1")
     return features
 
 

@@ -12,7 +12,10 @@ dataset, and `SpiceSampler` only replays recorded subsets. How it hooks in, with
    selecting again).
 2. Reselection (``reselect_every_steps``) runs in ``on_step_end`` with the live model. The sampler's length
    stays fixed; the new subset applies from the next sample position the dataloader has not drawn yet
-   (recorded, so a resumed run replays the same order).
+   (recorded, so a resumed run replays the same order). A later round that raises is logged, counted in
+   ``spice/failed_rounds`` and leaves the sampler as it was (training goes on with the previous subset); a
+   failing first round raises, since there is no subset to fall back on. In mode ``"grow"`` a round is
+   skipped once the subset fills the budget.
 3. ``on_save`` writes ``spice_state.json`` into each checkpoint; each round logs ``spice/...`` metrics
    through ``trainer.log`` and writes ``output_dir/spice/round-N.json`` and ``round-N.png``.
 """
@@ -190,7 +193,8 @@ class SpiceDataCallback(TrainerCallback):
 
     Works with `transformers.Trainer` and TRL's `SFTTrainer` as a plain callback. After training,
     ``callback.selection`` is the latest `Selection` and ``callback.selected_rows`` the current subset as
-    rows of the dataset the user passed (through TRL's filtering and shuffling).
+    rows of the dataset the user passed (through TRL's filtering and shuffling); ``callback.failed_rounds``
+    counts the reselection rounds that raised (each logged, the previous subset kept).
 
     Args:
         config: the selection settings.
@@ -213,6 +217,7 @@ class SpiceDataCallback(TrainerCallback):
         self._reference_gain: float | None = None
         self._pending_logs: list[dict[str, float]] = []
         self._last_round_step = -1
+        self.failed_rounds = 0
 
     # --- wiring -------------------------------------------------------------------------------------
     def attach(self, trainer: Trainer) -> SpiceDataCallback:
@@ -294,13 +299,37 @@ class SpiceDataCallback(TrainerCallback):
         trainer = self._require_trainer()
         current = self.sampler.rows
         grow = self.config.mode == "grow"
-        selection = self._run_round(
-            trainer.model,
-            step=step,
-            initial=current if grow else None,
-            reference_gain=self._reference_gain if grow else None,
-            optimizer=trainer.optimizer,
-        )
+        if grow and len(current) >= self.config.budget_count(len(self._dataset)):
+            # Nothing can be added: skip the gradient pass and keep the subset (and its order) as it is.
+            logger.info("spice: the subset already fills the budget (%d rows); no round at step %d", len(current), step)
+            self._last_round_step = step
+            return
+        selection: Selection | None = None
+        try:
+            selection = self._run_round(
+                trainer.model,
+                step=step,
+                initial=current if grow else None,
+                reference_gain=self._reference_gain if grow else None,
+                optimizer=trainer.optimizer,
+            )
+        except Exception:
+            # A later round must not cost the run: the sampler is untouched (a round only switches it after
+            # it succeeded), so training goes on with the previous subset. The first round raises instead
+            # (`_build_sampler`): there is no subset to fall back on.
+            logger.exception(
+                "spice: the selection round at step %d failed; training continues with the previous subset (%d rows)",
+                step,
+                len(current),
+            )
+        # Every rank keeps the previous subset if any rank's round failed, so that their samplers agree.
+        if max(flag for (flag,) in sd.all_gather_ints([int(selection is None)])):
+            self.failed_rounds += 1
+            self._last_round_step = step
+            self._pending_logs.append({"spice/failed_rounds": float(self.failed_rounds)})
+            self._flush_logs()
+            return
+        assert selection is not None
         rows = selection.selected
         if not rows:
             logger.warning("spice: round at step %d selected nothing; keeping the previous subset", step)
@@ -382,8 +411,12 @@ class SpiceDataCallback(TrainerCallback):
         if trainer is None or not self._pending_logs:
             return
         pending, self._pending_logs = self._pending_logs, []
+        # Trainer.log clears control.should_log; inside on_step_end that would drop the trainer's own loss
+        # log for this step (its loss then folds into the next logged average), so keep the flag.
+        should_log = trainer.control.should_log
         for logs in pending:
             trainer.log(logs)
+        trainer.control.should_log = should_log
 
     def _write_report(self, selection: Selection, round_index: int) -> None:
         trainer = self._require_trainer()
