@@ -381,8 +381,8 @@ def test_reports_that_cannot_be_written_do_not_stop_training(tmp_path, monkeypat
 
 
 def test_same_seed_same_selection_across_runs_and_batch_sizes():
-    rows = tw.rows(24)
-    config = CFG.with_changes(budget=6)
+    rows = tw.rows(16)
+    config = CFG.with_changes(budget=5)
     runs = [select(tw.model(), rows, config.with_changes(batch_size=b), show_progress=False) for b in (8, 8, 1)]
     assert runs[0].indices == runs[1].indices and runs[0].gains == runs[1].gains  # bit-identical reruns
     assert runs[2].indices == runs[0].indices  # batch size changes only float rounding
