@@ -9,7 +9,7 @@ Methods (each trains a fresh LoRA on the rows it chose):
 * ``full``          every row of the pool;
 * ``random``        a uniformly random 10 %;
 * ``fisher``        plain Fisher log-det greedy 10 %: ``SpiceConfig(conflict_weight=0, stop_ratio=None,
-  feature_norm="none")``;
+  feature_norm="none", max_loss_quantile=None)``;
 * ``paper``         the paper-exact preset ``SpiceConfig.paper(budget=0.1)`` (early stopping on);
 * ``ours``          the library defaults ``SpiceConfig(budget=0.1)``;
 * ``band``          experimental, not a `SpiceConfig` option yet: the SPICE greedy restricted to the
@@ -57,7 +57,10 @@ WORLD_OPTIONS: dict[str, Any] = {"pretrain_hard_share": 0.03}
 def method_config(name: str, seed: int, variants: dict[str, dict[str, Any]]) -> SpiceConfig | None:
     """The `SpiceConfig` of a SPICE method (``None`` for ``full`` and ``random``)."""
     if name == "fisher":
-        return SpiceConfig(budget=0.1, conflict_weight=0.0, stop_ratio=None, feature_norm="none", seed=seed)
+        # Plain Fisher greedy: raw gradients, no conflict term, no early stopping, no loss guard.
+        return SpiceConfig(
+            budget=0.1, conflict_weight=0.0, stop_ratio=None, feature_norm="none", max_loss_quantile=None, seed=seed
+        )
     if name == "paper":
         return SpiceConfig.paper(budget=0.1, seed=seed)
     if name == "ours":
