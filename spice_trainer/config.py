@@ -50,10 +50,17 @@ class SpiceConfig:
             each to norm 1, which also inflates those solved rows' noise-like gradients (on the quality
             benchmark it filled half the budget with them); `"adam"` preconditions with a live optimizer's
             second moments (LESS).
-        max_loss_quantile (`float` or `None`, defaults to 0.9):
-            Guard against junk rows: candidates whose loss is above this quantile of the pool's losses are
-            never picked (by default the 10 % highest-loss rows, where junk and mislabeled rows gather and
-            which raw gradients would otherwise favour). `None` disables the guard (the paper).
+        min_loss (`float` or `None`, defaults to 0.1):
+            Rows the model already solves teach nothing: candidates whose loss (mean nats per supervised
+            token; 0.1 ≈ 90 % probability on each target token) is at or below this are never picked.
+            `None` disables the floor (the paper).
+        max_loss_quantile (`float` or `None`, defaults to 0.3):
+            Guard against mislabeled and junk rows (the "small-loss" criterion of learning with noisy labels,
+            Han et al. 2018): among the rows above `min_loss`, those whose loss is above this quantile are
+            never picked. Wrong labels cost the model more loss than right ones, and raw gradients would
+            otherwise favour them. The default keeps the lower 30 % of the unsolved rows: on the quality
+            benchmark's noisy pool it is what lets SPICE match the full pool (see `docs/quality.md`).
+            `None` disables the guard (the paper).
         seed (`int`, defaults to 42):
             Seeds the projection, stochastic greedy and the sampler's order. Global RNG is never touched.
         greedy (`"exact"`, `"stochastic"` or `"pooled"`, defaults to `"exact"`):
@@ -103,7 +110,8 @@ class SpiceConfig:
     proj_dim: int = 256
     projection: ProjectionKind = "rademacher"
     feature_norm: FeatureNorm = "none"
-    max_loss_quantile: float | None = 0.9
+    min_loss: float | None = 0.1
+    max_loss_quantile: float | None = 0.3
     batch_size: int = 8
     max_length: int | None = None
     feature_store: str | None = None
@@ -142,6 +150,8 @@ class SpiceConfig:
         _check_positive_int("proj_dim", self.proj_dim)
         _check_choice("projection", self.projection, ("rademacher", "gaussian", "sparse"))
         _check_choice("feature_norm", self.feature_norm, ("none", "unit", "adam"))
+        if self.min_loss is not None:
+            _check_finite_float("min_loss", self.min_loss, minimum=0.0)
         if self.max_loss_quantile is not None:
             _check_finite_float("max_loss_quantile", self.max_loss_quantile, minimum=0.0)
             if not 0.0 < self.max_loss_quantile <= 1.0:
@@ -199,6 +209,7 @@ class SpiceConfig:
             "stop_ratio": 0.5,
             "stop_on": "gain",
             "feature_norm": "none",
+            "min_loss": None,
             "max_loss_quantile": None,
         }
         preset.update(overrides)
