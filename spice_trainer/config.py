@@ -58,9 +58,10 @@ class SpiceConfig:
             Guard against mislabeled and junk rows (the "small-loss" criterion of learning with noisy labels,
             Han et al. 2018): among the rows above `min_loss`, those whose loss is above this quantile are
             never picked. Wrong labels cost the model more loss than right ones, and raw gradients would
-            otherwise favour them. The default keeps the lower 30 % of the unsolved rows: on the quality
-            benchmark's noisy pool it is what lets SPICE match the full pool (see `docs/quality.md`).
-            `None` disables the guard (the paper).
+            otherwise favour them. The guard never leaves fewer eligible rows than the budget: the cap rises
+            to the budget-th smallest unsolved loss when needed (a clean pool has few unsolved rows). The
+            default keeps the lower 30 % of the unsolved rows: on the quality benchmark's noisy pool it is
+            what lets SPICE match the full pool (see `docs/quality.md`). `None` disables the guard (the paper).
         seed (`int`, defaults to 42):
             Seeds the projection, stochastic greedy and the sampler's order. Global RNG is never touched.
         greedy (`"exact"`, `"stochastic"` or `"pooled"`, defaults to `"exact"`):

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -324,7 +323,7 @@ def distributed_greedy(
         ValueError: shapes or rows inconsistent across ranks, or the same input errors as
             `select_from_features` (budget above ``n``, bad ``initial``, every row non-finite).
     """
-    from spice_trainer.greedy import _check_initial, _progress, _Run
+    from spice_trainer.greedy import _check_initial, _progress, _Run, best_candidate
     from spice_trainer.objective import SpiceObjective
     from spice_trainer.selection import Selection
 
@@ -400,14 +399,14 @@ def distributed_greedy(
         for _ in range(to_pick):
             entry = torch.zeros(_TABLE_WIDTH, dtype=torch.float64)
             if remaining > 0:
-                gains, conflicts, scores = objective.scores(config.conflict_weight)
-                scores = scores.masked_fill(~mask, -math.inf)
-                j = int(torch.argmax(scores))
+                # The same pick rule as the single-process greedy (float32 screening, exact float64 decision).
+                at, gain_j, conflict_j, score_j = best_candidate(objective, ~mask, remaining, config.conflict_weight)
+                j = int(at)
                 entry[_HAS] = 1.0
-                entry[_SCORE] = scores[j]
+                entry[_SCORE] = score_j
                 entry[_ROW] = float(row_list[j])
-                entry[_GAIN] = gains[j]
-                entry[_CONFLICT] = conflicts[j]
+                entry[_GAIN] = gain_j
+                entry[_CONFLICT] = conflict_j
                 assert objective.rows is not None
                 entry[_BASE] = torch.log1p(alpha * objective.rows.sqnorms[j])
             table = all_gather_table(entry)

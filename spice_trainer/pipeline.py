@@ -1,0 +1,315 @@
+"""`select`: gradient features, candidate guards, then the SPICE greedy, in one call.
+
+In a single process without a feature store this is the plain path: one gradient pass over the whole
+dataset, then `select_from_features`. Under ``torch.distributed`` with more than one process (torchrun,
+accelerate, DeepSpeed, FSDP), and whenever ``config.feature_store`` is set, the sharded path runs
+instead (`spice_trainer.distributed`): each rank computes its own rows (read back from the store where
+a chunk is already complete), losses are gathered so that every rank applies the same guards, and the
+greedy runs either on the gathered features or distributed over the shards. Every rank returns the same
+`Selection`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from spice_trainer import distributed as sd
+from spice_trainer.config import SpiceConfig
+from spice_trainer.feature_store import FeatureStore, default_chunk_rows, store_fingerprint
+from spice_trainer.gradients import GradientFeatures, compute_gradient_features
+from spice_trainer.greedy import select_from_features
+from spice_trainer.selection import Selection
+
+logger = logging.getLogger(__name__)
+
+
+def eligible_rows(grads: GradientFeatures, config: SpiceConfig) -> torch.Tensor:
+    """Which candidates may be picked: finite loss, something to learn, and under the loss guard.
+
+    A row is ineligible when its loss is NaN/inf, when it has no supervised token, when its loss is at
+    or below ``config.min_loss`` (already solved), or when ``config.max_loss_quantile`` is set and its
+    loss is above that quantile of the remaining rows' losses — unless that would leave fewer rows than
+    the budget, in which case the cap rises to the budget-th smallest remaining loss
+    (the highest-loss rows of a pool are disproportionately mislabeled or junk; DESIGN.md section 1).
+
+    Returns:
+        ``(n,)`` bool tensor.
+    """
+    return _eligible(grads.losses, grads.num_tokens, config)
+
+
+def _eligible(losses: torch.Tensor, num_tokens: torch.Tensor, config: SpiceConfig) -> torch.Tensor:
+    """`eligible_rows` from ``losses: (n,)`` and ``num_tokens: (n,)``."""
+    losses = losses.float()
+    eligible = torch.isfinite(losses) & (num_tokens > 0)
+    if config.min_loss is not None:
+        eligible &= losses > config.min_loss
+    if config.max_loss_quantile is not None and bool(eligible.any()):
+        candidates = losses[eligible].double()
+        cap = torch.quantile(candidates, config.max_loss_quantile).item()
+        # The guard drops the highest-loss rows first but never shrinks the pool below the budget: on a
+        # clean pool few rows are unsolved, and those above the quantile are then still worth training on.
+        budget = min(config.budget_count(len(losses)), candidates.numel())
+        cap = max(cap, torch.kthvalue(candidates, budget).values.item())
+        eligible &= losses.double() <= cap
+    return eligible
+
+
+def select(
+    model: Any,
+    dataset: Any,
+    config: SpiceConfig,
+    data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+    *,
+    initial: Sequence[int] | None = None,
+    reference_gain: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    show_progress: bool = True,
+) -> Selection:
+    """Select a subset of ``dataset`` with SPICE using ``model``'s LoRA gradients.
+
+    Computes per-example projected adapter gradients (`compute_gradient_features`), excludes rows
+    that cannot be trusted (`eligible_rows`), and runs the greedy of `select_from_features`.
+
+    Args:
+        model: a PEFT LoRA causal LM (the live model or a proxy of the same family).
+        dataset: indexable rows with ``input_ids`` (and optionally ``labels`` / ``completion_mask``).
+        config: the selection settings.
+        data_collator: turns a list of rows into a batch; `None` pads with the model's pad token.
+        initial: rows already selected (mode ``"grow"``); they count towards the budget.
+        reference_gain: base of the early-stopping threshold; `None` uses this call's first gain.
+        optimizer: the live optimizer, needed for ``feature_norm="adam"``.
+        show_progress: show a progress bar over the gradient pass and the greedy.
+
+    Multi-process: when ``torch.distributed`` is initialised with world size > 1, every rank must call
+    this with the same dataset and config; each computes the gradients of its shard of rows
+    (`spice_trainer.distributed.shard_rows`) and all ranks return the same `Selection` (see
+    `_select_sharded`). With ``config.feature_store`` set, features go through the on-disk store.
+
+    Returns:
+        The `Selection`; ``metadata`` holds the timings and how many rows were excluded and why.
+    """
+    if sd.is_distributed() or config.feature_store is not None:
+        return _select_sharded(
+            model,
+            dataset,
+            config,
+            data_collator,
+            initial=initial,
+            reference_gain=reference_gain,
+            optimizer=optimizer,
+            show_progress=show_progress,
+        )
+    start = time.perf_counter()
+    grads = compute_gradient_features(
+        model, dataset, config, data_collator, optimizer=optimizer, show_progress=show_progress
+    )
+    feature_seconds = time.perf_counter() - start
+    eligible = eligible_rows(grads, config)
+    non_finite = int((~torch.isfinite(grads.losses)).sum())
+    no_tokens = int((grads.num_tokens == 0).sum())
+    if non_finite or no_tokens:
+        logger.warning(
+            "spice: %d rows have a non-finite loss and %d have no supervised token; they are never picked",
+            non_finite,
+            no_tokens,
+        )
+    selection = select_from_features(
+        grads.features,
+        config,
+        initial=initial,
+        eligible=eligible,
+        reference_gain=reference_gain,
+        show_progress=show_progress,
+    )
+    selection.metadata.update(
+        {
+            "feature_seconds": feature_seconds,
+            "seconds": time.perf_counter() - start,
+            "non_finite_loss_rows": non_finite,
+            "no_supervised_token_rows": no_tokens,
+            "loss_guard_excluded": int((~eligible).sum()) - non_finite - no_tokens,
+            "mean_loss_selected": _mean_at(grads.losses, selection.indices),
+            "mean_loss_pool": float(grads.losses[torch.isfinite(grads.losses)].mean()) if eligible.any() else None,
+        }
+    )
+    return selection
+
+
+def _select_sharded(
+    model: Any,
+    dataset: Any,
+    config: SpiceConfig,
+    data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None,
+    *,
+    initial: Sequence[int] | None,
+    reference_gain: float | None,
+    optimizer: torch.optim.Optimizer | None,
+    show_progress: bool,
+) -> Selection:
+    """The sharded path of `select` (any world size; also a single process with a feature store).
+
+    1. Rows: rank ``r`` of ``w`` takes one contiguous block, ``shard_rows(n, w, r, chunk_rows)`` (whole
+       store chunks when a store is used).
+    2. Features of those rows: `compute_gradient_features(..., indices=rows)`, or through the store:
+       chunks already complete are read back, the others computed and written (`FeatureStore.fill`).
+    3. Losses and token counts are all-gathered (``n`` numbers), so every rank computes the same
+       `eligible_rows` mask (the loss-quantile guard needs the whole pool).
+    4. Greedy: ``"gather"`` (all-gather the ``(n, d)`` features, then `select_from_features`: any greedy
+       regime) while ``n · d · 4`` bytes fit under `spice_trainer.distributed.gather_limit_bytes`, else the
+       distributed exact greedy (`spice_trainer.distributed.distributed_greedy`). Stochastic and pooled
+       greedy always gather (they are defined over the whole pool's order and sample stream).
+    """
+    start = time.perf_counter()
+    n = len(dataset)
+    world, rank = sd.world_size(), sd.rank()
+    main = rank == 0
+    d = config.proj_dim
+
+    def compute(rows: list[int], progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not rows:
+            return torch.zeros(0, d), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        grads = compute_gradient_features(
+            model, dataset, config, data_collator, indices=rows, optimizer=optimizer, show_progress=progress
+        )
+        return grads.features, grads.losses, grads.num_tokens
+
+    store_meta: dict[str, Any] | None = None
+    chunk = 1
+    if config.feature_store is not None:
+        store = _open_store(model, dataset, config, data_collator, optimizer, n)
+        chunk = store.chunk_rows
+        rows = sd.shard_rows(n, world, rank, chunk_rows=chunk)
+        chunks = sd.shard_chunks(store.num_chunks, world, rank)
+        bar = _chunk_progress(len(chunks), show_progress and main)
+        try:
+
+            def compute_chunk(chunk_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                out = compute(chunk_rows, False)
+                if bar is not None:
+                    bar.update(1)
+                return out
+
+            stats = store.fill(chunks, compute_chunk)
+        finally:
+            if bar is not None:
+                bar.close()
+        local_feats, local_losses, local_tokens = store.read_rows(rows)
+        totals = [sum(col) for col in zip(*sd.all_gather_ints([stats.reused, stats.computed]), strict=True)]
+        store_meta = {"path": str(store.path), "reused_chunks": totals[0], "computed_chunks": totals[1]}
+    else:
+        rows = sd.shard_rows(n, world, rank)
+        local_feats, local_losses, local_tokens = compute(list(rows), show_progress and main)
+    feature_seconds = time.perf_counter() - start
+
+    losses = sd.gather_rows(local_losses.float())
+    num_tokens = sd.gather_rows(local_tokens.long())
+    eligible = _eligible(losses, num_tokens, config)
+    non_finite = int((~torch.isfinite(losses)).sum())
+    no_tokens = int((num_tokens == 0).sum())
+    if (non_finite or no_tokens) and main:
+        logger.warning(
+            "spice: %d rows have a non-finite loss and %d have no supervised token; they are never picked",
+            non_finite,
+            no_tokens,
+        )
+    strategy: sd.Strategy = sd.choose_strategy(n, d) if world > 1 else "gather"
+    if strategy == "distributed" and config.greedy != "exact":
+        if main:
+            logger.warning(
+                "spice: greedy=%r runs on gathered features (only exact greedy is distributed over shards); "
+                "the %d x %d feature matrix is held on every rank",
+                config.greedy,
+                n,
+                d,
+            )
+        strategy = "gather"
+    if strategy == "gather":
+        features = sd.gather_rows(local_feats)
+        selection = select_from_features(
+            features,
+            config,
+            initial=initial,
+            eligible=eligible,
+            reference_gain=reference_gain,
+            show_progress=show_progress and main,
+        )
+    else:
+        selection = sd.distributed_greedy(
+            local_feats,
+            rows,
+            n,
+            config,
+            initial=initial,
+            local_eligible=eligible[rows.start : rows.stop],
+            reference_gain=reference_gain,
+            show_progress=show_progress,
+        )
+    selection.metadata.update(
+        {
+            "feature_seconds": feature_seconds,
+            "seconds": time.perf_counter() - start,
+            "non_finite_loss_rows": non_finite,
+            "no_supervised_token_rows": no_tokens,
+            "loss_guard_excluded": int((~eligible).sum()) - non_finite - no_tokens,
+            "mean_loss_selected": _mean_at(losses, selection.indices),
+            "mean_loss_pool": float(losses[torch.isfinite(losses)].mean()) if eligible.any() else None,
+            "distributed": {
+                "world_size": world,
+                "strategy": strategy,
+                "rows_per_rank": [len(r) for r in (sd.shard_rows(n, world, i, chunk_rows=chunk) for i in range(world))],
+            },
+        }
+    )
+    if store_meta is not None:
+        selection.metadata["feature_store"] = store_meta
+    return selection
+
+
+def _open_store(
+    model: Any,
+    dataset: Any,
+    config: SpiceConfig,
+    data_collator: Any,
+    optimizer: torch.optim.Optimizer | None,
+    n: int,
+) -> FeatureStore:
+    """Rank 0 fingerprints and creates the store; the key is broadcast; then every other rank opens it."""
+    assert config.feature_store is not None
+    key: str | None = None
+    description: dict[str, Any] | None = None
+    if sd.is_main_process():
+        key, description = store_fingerprint(model, dataset, config, data_collator, optimizer=optimizer)
+    key = sd.broadcast_object(key, src=0)
+    assert key is not None
+    chunk_rows = default_chunk_rows(n, config.batch_size)
+    store: FeatureStore | None = None
+    if sd.is_main_process():
+        store = FeatureStore.open(
+            config.feature_store, key, n=n, proj_dim=config.proj_dim, chunk_rows=chunk_rows, description=description
+        )
+    sd.barrier()  # the files exist before any other rank maps them
+    if store is None:
+        store = FeatureStore.open(
+            config.feature_store, key, n=n, proj_dim=config.proj_dim, chunk_rows=chunk_rows, create=False
+        )
+    return store
+
+
+def _chunk_progress(total: int, show: bool) -> Any:
+    if not show or total <= 1:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="spice gradients", unit="chunk")
+
+
+def _mean_at(values: torch.Tensor, indices: Sequence[int]) -> float | None:
+    if not indices:
+        return None
+    return float(values[torch.as_tensor(list(indices), dtype=torch.long)].double().mean())
