@@ -9,11 +9,10 @@ Methods (each trains a fresh LoRA on the rows it chose):
 * ``full``          every row of the pool;
 * ``random``        a uniformly random 10 %;
 * ``fisher``        plain Fisher log-det greedy 10 %: ``SpiceConfig(conflict_weight=0, stop_ratio=None,
-  feature_norm="none", max_loss_quantile=None)``;
+  feature_norm="none", min_loss=None, max_loss_quantile=None)``;
 * ``paper``         the paper-exact preset ``SpiceConfig.paper(budget=0.1)`` (early stopping on);
-* ``ours``          the library defaults ``SpiceConfig(budget=0.1)``;
-* ``band``          experimental, not a `SpiceConfig` option yet: the SPICE greedy restricted to the
-  "small-loss band" of the rows the model does not solve yet (see `small_loss_band_select`);
+* ``ours``          the library defaults ``SpiceConfig(budget=0.1)`` (raw gradients, λ = 0.1, the small-loss
+  guard: rows above ``min_loss`` whose loss is in their lowest ``max_loss_quantile``, never fewer than the budget);
 * any ``--variant NAME=field:value,...`` (a `SpiceConfig` with those fields changed from the defaults).
 
 Training protocol: the same number of *epochs* for every method (``--epochs``, default 20) over its own
@@ -49,7 +48,7 @@ from spice_trainer.config import SpiceConfig
 from spice_trainer.pipeline import select
 from spice_trainer.toy import add_lora
 
-BASE_METHODS = ("full", "random", "fisher", "paper", "ours", "band")
+BASE_METHODS = ("full", "random", "fisher", "paper", "ours")
 # Shared with the demo: the base model has seen a few hard rows (see spice_trainer.cli.WORLD_OPTIONS).
 WORLD_OPTIONS: dict[str, Any] = {"pretrain_hard_share": 0.03}
 
@@ -59,7 +58,13 @@ def method_config(name: str, seed: int, variants: dict[str, dict[str, Any]]) -> 
     if name == "fisher":
         # Plain Fisher greedy: raw gradients, no conflict term, no early stopping, no loss guard.
         return SpiceConfig(
-            budget=0.1, conflict_weight=0.0, stop_ratio=None, feature_norm="none", max_loss_quantile=None, seed=seed
+            budget=0.1,
+            conflict_weight=0.0,
+            stop_ratio=None,
+            feature_norm="none",
+            min_loss=None,
+            max_loss_quantile=None,
+            seed=seed,
         )
     if name == "paper":
         return SpiceConfig.paper(budget=0.1, seed=seed)
@@ -120,11 +125,8 @@ def run_one(
     else:
         rows = world.tokenize_rows(tokenizer, pool.rows)
         start = time.perf_counter()
-        if method == "band":
-            selection = small_loss_band_select(model, rows, seed)
-        else:
-            assert config is not None, f"unknown method {method!r}"
-            selection = select(model, rows, config, show_progress=False)
+        assert config is not None, f"unknown method {method!r}"
+        selection = select(model, rows, config, show_progress=False)
         select_seconds = time.perf_counter() - start
         indices = selection.selected
         selection.metadata["kinds"] = [pool.kinds[i] for i in selection.indices]
@@ -154,29 +156,6 @@ def run_one(
 
 
 TRAIN: dict[str, Any] = {"learning_rate": 5e-3, "batch_size": 16}
-
-# The experimental "band" guard (not a SpiceConfig option): a row is eligible when the model does not
-# solve it yet (loss > SOLVED_LOSS nats per token, i.e. p(next token) < ~0.9) and its loss is in the lower
-# BAND_QUANTILE of those unsolved rows -- the small-loss criterion of learning with noisy labels
-# (Han et al. 2018, Co-teaching): wrong labels cost the base model more loss than right ones.
-SOLVED_LOSS = 0.1
-BAND_QUANTILE = 0.3
-
-
-def small_loss_band_select(model: Any, rows: list[dict[str, Any]], seed: int) -> Any:
-    """SPICE greedy (raw gradients, λ = 0.1, no early stopping) over the small-loss band of unsolved rows."""
-    from spice_trainer.gradients import compute_gradient_features
-    from spice_trainer.greedy import select_from_features
-
-    config = SpiceConfig(budget=0.1, seed=seed, feature_norm="none", stop_ratio=None, max_loss_quantile=None)
-    grads = compute_gradient_features(model, rows, config, show_progress=False)
-    losses = grads.losses
-    unsolved = torch.isfinite(losses) & (losses > SOLVED_LOSS)
-    cap = torch.quantile(losses[unsolved].double(), BAND_QUANTILE).item()
-    eligible = unsolved & (losses.double() <= cap)
-    selection = select_from_features(grads.features, config, eligible=eligible)
-    selection.metadata["loss_guard_excluded"] = int((~eligible).sum())
-    return selection
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
