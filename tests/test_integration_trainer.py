@@ -243,3 +243,29 @@ def test_dataloader_workers_and_eval_dataset(tmp_path):
     assert losses[0] == losses[1] and len(eval_losses[0]) == 2
     assert runs[0][1].selected == runs[1][1].selected
     assert len(runs[0][0].get_eval_dataloader().dataset) == 12  # every eval row: untouched by the selection
+
+
+def test_rows_of_a_user_dataset_with_its_own_index_mapping(tmp_path):
+    # A shuffled/selected dataset carries an index mapping over its table; Trainer trains on it as given, so
+    # the rows the callback reports are rows of that dataset (not of the table beneath it).
+    data = tw.dataset(40).shuffle(seed=7).select(range(4, 36))
+    _, callback, collator, _ = _train(tmp_path, SpiceConfig(budget=0.25, proj_dim=32), data=data, max_steps=2)
+    assert callback.selected_rows == callback.selected
+    assert set(collator.drawn_rows(data)) == set(callback.selected_rows)
+
+
+def test_callback_added_after_construction(tmp_path):
+    data = tw.dataset()
+    late = Trainer(model=tw.model(), args=tw.args(tmp_path / "late", max_steps=1), train_dataset=data)
+    late.add_callback(SpiceDataCallback(SpiceConfig(budget=0.25, proj_dim=32)))
+    with pytest.raises(RuntimeError, match=r"callback.attach\(trainer\)"):
+        late.train()  # training on the full dataset instead of the subset is refused, not silent
+
+    collator = tw.RecordingCollator()
+    attached = Trainer(
+        model=tw.model(), args=tw.args(tmp_path / "attached", max_steps=1), train_dataset=data, data_collator=collator
+    )
+    callback = SpiceDataCallback(SpiceConfig(budget=0.25, proj_dim=32)).attach(attached)
+    attached.train()
+    assert callback in attached.callback_handler.callbacks
+    assert set(collator.drawn_rows(data)) <= set(callback.selected) and len(callback.selected) == 8

@@ -97,3 +97,59 @@ def test_packing_is_refused_with_a_fix(tmp_path):
             processing_class=tw.TOK,
             callbacks=[SpiceDataCallback(SpiceConfig())],
         )
+
+
+def _assert_every_row_maps_back(trainer, data, callback):
+    """Each prepared row is the (possibly truncated) tokenisation of the user row it maps to."""
+    from spice_trainer.integrations.trl import sft_source_rows
+
+    processed = trainer.train_dataset
+    sources = sft_source_rows(trainer, processed, range(len(processed)))
+    assert len(set(sources)) == len(sources)
+    for row, source in enumerate(sources):
+        user = data[source]
+        expected = tw.TOK(user["prompt"] + user["completion"])["input_ids"]
+        n = min(len(expected), len(processed[row]["input_ids"]))
+        assert processed[row]["input_ids"][:n] == expected[:n], (row, source)
+    assert callback.selected_rows == [sources[r] for r in callback.selected]
+    return sources
+
+
+def test_rows_map_back_through_trl_filtering_and_a_user_index_mapping(tmp_path):
+    rows = _text_rows(24)
+    for i in (2, 9, 17):  # a prompt that fills max_length alone: no supervised token left, TRL drops the row
+        rows[i]["prompt"] = " ".join(f"w{j}" for j in range(14)) + " "
+    data = Dataset.from_list(rows).shuffle(seed=1).select(range(2, 24))  # the user's own index mapping
+    trainer, callback, _ = _sft(
+        tmp_path, data, SpiceConfig(budget=0.25, proj_dim=32), max_length=10, shuffle_dataset=True
+    )
+    sources = _assert_every_row_maps_back(trainer, data, callback)
+    dropped = {i for i in range(len(data)) if data[i]["prompt"].count(" ") >= 14}
+    assert len(dropped) >= 2 and set(range(len(data))) - set(sources) == dropped
+
+
+def test_rows_map_back_for_pretokenized_data_without_max_length(tmp_path):
+    # Already tokenised with labels and max_length=None: TRL maps nothing and only shuffles.
+    data = tw.dataset(24).shuffle(seed=4)
+    trainer, callback, _ = _sft(
+        tmp_path, data, SpiceConfig(budget=0.25, proj_dim=32), max_length=None, shuffle_dataset=True
+    )
+    processed = trainer.train_dataset
+    for row, source in zip(callback.selected, callback.selected_rows, strict=True):
+        assert processed[row]["input_ids"] == data[source]["input_ids"]
+    assert callback.selected_rows != callback.selected
+
+
+@pytest.mark.slow
+def test_example_script_runs_offline(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "sft_spice.py"
+    spec = importlib.util.spec_from_file_location("sft_spice", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out"
+    module.main(["--output-dir", str(out), "--toy-rows", "48", "--epochs", "1", "--budget", "8"])
+    assert "trained on 8 of 48 rows" in capsys.readouterr().out
+    assert (out / "spice" / "round-0.json").is_file()

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -226,6 +227,12 @@ class SpiceDataCallback(TrainerCallback):
             return self
         _check_supported(trainer, self.config)
         self.trainer = trainer
+        if self.config.proxy_model is not None and self._select_fn is None:
+            # Rounds select with the proxy (loaded and checked against the trainer's model and tokenizer now),
+            # refreshed on what the target trained on since the previous round (spice_trainer.proxy).
+            from spice_trainer.proxy import ProxyRounds
+
+            self._select_fn = ProxyRounds(self, trainer)
         original_sampler_fn = trainer._get_train_sampler
         original_train = trainer.train
 
@@ -288,6 +295,14 @@ class SpiceDataCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self.trainer is None or self.sampler is None:
+            # Added with `trainer.add_callback` after construction: the train dataloader is already built
+            # without SPICE, and training on the full dataset while the user asked for a subset is not an option.
+            raise RuntimeError(
+                "SpiceDataCallback was added after the Trainer was built, so it could not select before the "
+                "dataloader was built. Pass it as Trainer(..., callbacks=[SpiceDataCallback(config)]), or call "
+                "`callback.attach(trainer)` before `trainer.train()`"
+            )
         self._flush_logs()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -396,6 +411,9 @@ class SpiceDataCallback(TrainerCallback):
                 "spice/seconds": record.seconds,
             }
         )
+        for key in ("proxy_rank_corr", "proxy_overlap"):  # set by proxy rounds (spice_trainer.proxy.ProxyRounds)
+            if selection.metadata.get(key) is not None:
+                self._pending_logs[-1][f"spice/{key}"] = float(selection.metadata[key])
         logger.info(
             "spice: round %d at step %d selected %d rows (%s) in %.1fs",
             record.round,
@@ -502,7 +520,9 @@ class SpiceDataCallback(TrainerCallback):
     @property
     def selected_rows(self) -> list[int]:
         """The current subset as rows of the dataset the user passed (before TRL's filtering/shuffling)."""
-        return [int(i) for i in source_rows(self._dataset, self.selected)] if self._dataset is not None else []
+        if self._dataset is None or self.trainer is None:
+            return []
+        return source_rows(self.trainer, self._dataset, self.selected)
 
     def _require_trainer(self) -> Trainer:
         if self.trainer is None:
@@ -549,12 +569,9 @@ def _output_dir(args: TrainingArguments) -> str:
 def _check_supported(trainer: Trainer, config: SpiceConfig) -> None:
     args = trainer.args
     _check_map_style(trainer.train_dataset)
-    if getattr(args, "packing", False):
-        raise ValueError(
-            "SpiceDataCallback does not support packing=True: packed sequences mix several rows, so a row's "
-            "gradient cannot be measured or drawn on its own. Set packing=False in SFTConfig (padding_free "
-            "without packing is fine), or select offline with spice_trainer.select and pack the subset"
-        )
+    trl = _trl_module(trainer)
+    if trl is not None:
+        trl.check_sft_args(trainer)
     strategy = getattr(args, "train_sampling_strategy", "random")
     if strategy not in (None, "random", "sequential"):
         raise ValueError(
@@ -590,15 +607,26 @@ def dataset_fingerprint(dataset: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def source_rows(dataset: Any, rows: Sequence[int]) -> list[int]:
-    """Map rows of a processed `datasets.Dataset` to rows of the dataset it was built from.
+def _trl_module(trainer: Trainer) -> Any:
+    """`spice_trainer.integrations.trl` if ``trainer`` is a TRL `SFTTrainer`, else None.
 
-    TRL tokenises with ``map`` (one row out per row in, same order), then may ``filter`` and ``shuffle``;
-    both leave an indices mapping over the mapped table, which is what this reads. Without a mapping the
-    rows are their own source.
+    A trainer can only be an `SFTTrainer` if TRL is already imported, so a plain `Trainer` never imports it.
     """
-    mapping = getattr(dataset, "_indices", None)
-    if mapping is None:
+    if "trl" not in sys.modules:
+        return None
+    from spice_trainer.integrations import trl
+
+    return trl if trl.is_sft_trainer(trainer) else None
+
+
+def source_rows(trainer: Trainer, dataset: Any, rows: Sequence[int]) -> list[int]:
+    """Map rows of the trainer's training dataset to rows of the dataset the user passed.
+
+    `transformers.Trainer` trains on the user's dataset as given (only columns are removed), so the rows are
+    their own source — even when the user's dataset carries its own index mapping (``ds.select``/``shuffle``).
+    `SFTTrainer` tokenises, may filter and shuffle: `spice_trainer.integrations.trl.sft_source_rows`.
+    """
+    trl = _trl_module(trainer)
+    if trl is None:
         return [int(r) for r in rows]
-    column = mapping.column(0)
-    return [int(column[int(r)].as_py()) for r in rows]
+    return list(trl.sft_source_rows(trainer, dataset, rows))
