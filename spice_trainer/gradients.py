@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -62,8 +62,9 @@ class _LoraWeight:
     name: str  # e.g. "base_model.model.layers.0.self_attn.q_proj.lora_A"
     module: nn.Linear  # the lora_A[adapter] or lora_B[adapter] Linear
     projector: BlockProjector
-    inputs: torch.Tensor | None = None
-    output: torch.Tensor | None = None
+    # (input, output) of every call in the current forward: usually one; a module called several times
+    # (shared weights) gets the sum of its calls' gradients.
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def find_lora_weights(model: nn.Module, adapter_name: str | None = None) -> tuple[str, list[tuple[str, nn.Linear]]]:
@@ -97,6 +98,9 @@ def find_lora_weights(model: nn.Module, adapter_name: str | None = None) -> tupl
     for name, layer in layers:
         lora_a = layer.lora_A
         if adapter_name not in lora_a:
+            # LoRA on an embedding keeps its factors in `lora_embedding_A/B` parameter dicts instead.
+            if adapter_name in getattr(layer, "lora_embedding_A", {}):
+                skipped.append(name)
             continue
         variant = getattr(layer, "lora_variant", {})
         use_dora = getattr(layer, "use_dora", {})
@@ -113,8 +117,8 @@ def find_lora_weights(model: nn.Module, adapter_name: str | None = None) -> tupl
         weights.append((f"{name}.lora_B", b_module))
     if skipped:
         logger.warning(
-            "spice: %d LoRA layers that are not Linear (e.g. embeddings or convolutions) are left out of the "
-            "gradient features: %s",
+            "spice: %d LoRA layers that are not Linear (embeddings or convolutions) are left out of the gradient "
+            "features (only Linear and GPT-2 Conv1D layers are measured): %s",
             len(skipped),
             ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
         )
@@ -156,6 +160,7 @@ def compute_gradient_features(
             -100), ``feature_norm="adam"`` without an Adam optimizer.
     """
     rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    model = _unwrap(model)
     adapter, lora = find_lora_weights(model, adapter_name)
     _warn_other_trainables(model, {id(m.weight) for _, m in lora})
     adam_denoms = _adam_denominators(optimizer, lora) if config.feature_norm == "adam" else None
@@ -217,52 +222,82 @@ def _batch_features(
     adam_denoms: dict[int, torch.Tensor] | None,
     rows: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch: forward, per-example losses, one ``autograd.grad``, per-example gradients, projection.
+
+    Returns:
+        ``(features (n, d) float32 CPU, losses (n,) float32 CPU, counts (n,) int64 CPU)``; rows without a
+        finite loss or a supervised token have NaN features.
+    """
     input_ids = torch.as_tensor(batch["input_ids"]).to(device)
-    labels = torch.as_tensor(batch.get("labels", input_ids)).to(device)
     attention_mask = batch.get("attention_mask")
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
     if attention_mask is not None:
         attention_mask = torch.as_tensor(attention_mask).to(device)
+    if batch.get("labels") is not None:
+        labels = torch.as_tensor(batch["labels"]).to(device)
+    else:
+        # A collator without labels (e.g. DataCollatorWithPadding): every real token is a target, padding not.
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+    if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
-        if "position_ids" not in batch:
-            # Left padding: count positions from each row's first real token, as an unpadded row would.
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    if "position_ids" in batch:
+        # Left padding: count positions from each row's first real token, as an unpadded row would.
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    if batch.get("position_ids") is not None:
         kwargs["position_ids"] = torch.as_tensor(batch["position_ids"]).to(device)
     bsz = input_ids.shape[0]
-    feats = torch.full((bsz, weights[0].projector.proj_dim), float("nan"))
+    proj_dim = weights[0].projector.proj_dim
 
-    with torch.enable_grad():
-        logits = model(**kwargs).logits
-        _check_labels(labels, logits.shape[-1], rows)
-        per_example, counts = _per_example_loss(logits, labels)
-        valid = torch.isfinite(per_example) & (counts > 0)
-        if not bool(valid.any()):
-            return feats, per_example.detach().float().cpu(), counts.cpu()
-        total = per_example[valid].sum()
-        captured = [t for w in weights for t in (w.output,) if t is not None]
-        if len(captured) != len(weights):
-            raise RuntimeError(
-                "some LoRA weights were not called in the forward pass; is the adapter disabled or merged?"
-            )
-        deltas = torch.autograd.grad(total, captured, allow_unused=True)
+    try:
+        with torch.enable_grad():
+            logits = model(**kwargs).logits
+            _check_labels(labels, logits.shape[-1], rows)
+            per_example, counts = _per_example_loss(logits, labels)
+            del logits
+            valid = torch.isfinite(per_example) & (counts > 0)
+            losses_cpu, counts_cpu = per_example.detach().float().cpu(), counts.cpu()
+            if not bool(valid.any()):
+                return torch.full((bsz, proj_dim), float("nan")), losses_cpu, counts_cpu
+            # L = Σ_i ℓ_i over the rows with a finite loss: ∂L/∂(row i's activations) = ∂ℓ_i/∂(...).
+            total = per_example[valid].sum()
+            called = [(w, call) for w in weights for call in w.calls]
+            if not called:
+                raise RuntimeError(
+                    "no LoRA weight was called in the forward pass: is the adapter disabled (disable_adapter()) "
+                    "or merged (merge_and_unload())? Measure with the adapter active and unmerged"
+                )
+            deltas = torch.autograd.grad(total, [out for _, (_, out) in called], allow_unused=True)
 
-    acc = torch.zeros(bsz, weights[0].projector.proj_dim, dtype=torch.float32, device=device)
-    for w, delta in zip(weights, deltas, strict=True):
-        if delta is None or w.inputs is None:
-            continue
-        x = w.inputs.float().reshape(bsz, -1, w.inputs.shape[-1])
-        g = delta.float().reshape(bsz, -1, delta.shape[-1])
-        per_example_grad = torch.einsum("nto,nti->noi", g, x).reshape(bsz, -1)  # (n, out·in), weight layout
-        if adam_denoms is not None:
-            per_example_grad = per_example_grad / adam_denoms[id(w.module.weight)].to(device).reshape(1, -1)
-        acc += w.projector.project(per_example_grad)
-    for w in weights:
-        w.inputs = None
-        w.output = None
+        acc = torch.zeros(bsz, proj_dim, dtype=torch.float32, device=device)
+        grads: dict[int, torch.Tensor | None] = {}
+        for (w, (x, out)), delta in zip(called, deltas, strict=True):
+            if delta is None:  # this call does not reach the loss (e.g. a head whose output is unused)
+                continue
+            if x.shape[0] != bsz or out.shape[0] != bsz:
+                raise ValueError(
+                    f"LoRA weight {w.name!r} was called on a tensor of shape {tuple(x.shape)} whose first "
+                    f"dimension is not the batch ({bsz}); per-example gradients need batch-major activations "
+                    "(token-routed layers such as MoE experts are not supported)"
+                )
+            # Σ_t δ_{i,t} x_{i,t}ᵀ for every example i at once: (n, out, in), the weight's layout.
+            x3 = x.reshape(bsz, -1, x.shape[-1]).float()
+            g3 = delta.reshape(bsz, -1, delta.shape[-1]).float()
+            grad = torch.bmm(g3.transpose(1, 2), x3).reshape(bsz, -1)
+            key = id(w)
+            previous = grads.get(key)
+            grads[key] = grad if previous is None else previous + grad
+        for w in weights:
+            summed = grads.pop(id(w), None)
+            if summed is None:  # not called in this batch, or no path to the loss: a zero gradient
+                continue
+            if adam_denoms is not None:
+                summed = summed / adam_denoms[id(w.module.weight)].to(device).reshape(1, -1)
+            acc += w.projector.project(summed)
+    finally:
+        for w in weights:
+            w.calls.clear()
     feats = acc.cpu()
     feats[~valid.cpu()] = float("nan")
-    return feats, per_example.detach().float().cpu(), counts.cpu()
+    return feats, losses_cpu, counts_cpu
 
 
 def _per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,21 +343,32 @@ def _check_labels(labels: torch.Tensor, vocab_size: int, rows: Sequence[int]) ->
 
 @contextmanager
 def _measuring(model: nn.Module, weights: list[_LoraWeight]) -> Iterator[None]:
-    """Eval mode, hooks on the LoRA weights, and their ``requires_grad`` on; everything restored after."""
+    """Eval mode, no gradient checkpointing, hooks on the LoRA weights, their ``requires_grad`` on.
+
+    Everything is restored on exit, also on error: each module's ``training`` flag, each module's
+    ``gradient_checkpointing`` flag, the LoRA weights' ``requires_grad``. Eval mode turns dropout (also
+    ``lora_dropout``) off; transformers only checkpoints in training mode, and the flags are cleared too for
+    modules that check them alone (a checkpointed forward would call the hooks twice).
+    """
     modes = {m: m.training for m in model.modules()}
+    checkpointing = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
     flags = {w.name: w.module.weight.requires_grad for w in weights}
     handles = []
 
     def hook_for(w: _LoraWeight) -> Callable[..., None]:
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            w.inputs = inputs[0].detach()
-            w.output = output
+            if torch.is_grad_enabled():
+                w.calls.append((inputs[0].detach(), output))
 
         return hook
 
     try:
         model.eval()
+        for m in checkpointing:
+            setattr(m, "gradient_checkpointing", False)  # noqa: B010 - an attribute of transformers' layers
         for w in weights:
+            # The LoRA outputs must be in the autograd graph; only ∂L/∂(outputs) is asked for, so no weight
+            # (LoRA or base) ever receives a .grad.
             w.module.weight.requires_grad_(True)
             handles.append(w.module.register_forward_hook(hook_for(w)))
         yield
@@ -331,8 +377,9 @@ def _measuring(model: nn.Module, weights: list[_LoraWeight]) -> Iterator[None]:
             h.remove()
         for w in weights:
             w.module.weight.requires_grad_(flags[w.name])
-            w.inputs = None
-            w.output = None
+            w.calls.clear()
+        for m in checkpointing:
+            setattr(m, "gradient_checkpointing", True)  # noqa: B010
         for m, mode in modes.items():
             m.train(mode)
 
@@ -341,7 +388,11 @@ def _measuring(model: nn.Module, weights: list[_LoraWeight]) -> Iterator[None]:
 
 
 def _prepare_row(row: Any, max_length: int | None) -> dict[str, Any]:
-    """Keep the token columns of a row (drop strings), truncated to ``max_length`` tokens."""
+    """Keep the numeric columns of a row, sequences truncated to ``max_length`` tokens.
+
+    Strings, ``None`` and lists of non-numbers (e.g. TRL's ``messages`` or ``prompt`` columns) are dropped:
+    collators only pad numbers.
+    """
     if not isinstance(row, dict) or "input_ids" not in row:
         found = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise ValueError(
@@ -350,12 +401,21 @@ def _prepare_row(row: Any, max_length: int | None) -> dict[str, Any]:
         )
     out: dict[str, Any] = {}
     for key, value in row.items():
-        if isinstance(value, str) or value is None:
+        if not _is_numeric(value):
             continue
         if max_length is not None and isinstance(value, list | torch.Tensor) and len(value) > max_length:
             value = value[:max_length]
         out[key] = value
     return out
+
+
+def _is_numeric(value: Any) -> bool:
+    """A tensor, a number, or a (nested) list/tuple whose first leaf is a number."""
+    while isinstance(value, list | tuple):
+        if not value:
+            return True
+        value = value[0]
+    return isinstance(value, torch.Tensor | int | float)
 
 
 class _PadCollator:
@@ -373,12 +433,15 @@ class _PadCollator:
             row_ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
             length = row_ids.shape[0]
             ids[i, :length] = row_ids
-            row_labels = torch.as_tensor(row.get("labels", row_ids), dtype=torch.long).clone()
+            row_attention = torch.as_tensor(row.get("attention_mask", [1] * length), dtype=torch.long)[:length]
+            row_labels = torch.as_tensor(row.get("labels", row_ids), dtype=torch.long)[:length].clone()
+            if "labels" not in row:
+                row_labels[row_attention == 0] = -100
             for mask_key in ("completion_mask", "assistant_masks"):
                 if mask_key in row:
                     row_labels[torch.as_tensor(row[mask_key])[:length] == 0] = -100
-            labels[i, :length] = row_labels[:length]
-            attention[i, :length] = torch.as_tensor(row.get("attention_mask", [1] * length))[:length]
+            labels[i, :length] = row_labels
+            attention[i, :length] = row_attention
         return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
@@ -390,6 +453,14 @@ def _pad_id(model: nn.Module) -> int:
     if isinstance(pad, list):
         pad = pad[0] if pad else None
     return int(pad) if pad is not None else 0
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a `DistributedDataParallel` wrapper: its forward would arm the reducer for a backward
+    that never comes (we call ``autograd.grad``), and the next training step would fail."""
+    while type(model).__name__ == "DistributedDataParallel" and isinstance(getattr(model, "module", None), nn.Module):
+        model = cast(nn.Module, model.module)
+    return model
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
