@@ -1,25 +1,36 @@
-"""A usual TRL SFT + LoRA script, plus one line: ``callbacks=[SpiceDataCallback(...)]``.
+"""A usual TRL SFT + LoRA script, plus one line: ``callbacks=[SpiceDataCallback(SpiceConfig(budget=0.1))]``.
 
-Offline by default (a tiny randomly initialised Llama and the synthetic instruction pool of
-`spice_trainer.world`, ~20 s on a laptop CPU):
+Offline by default: a tiny randomly initialised Llama and a generated prompt-completion pool
+(`spice_trainer.toy`, `spice_trainer.world`), about a minute on a laptop CPU:
 
     python examples/sft_spice.py
 
-On your own model and data (a local folder or hub id; a .json/.jsonl/.csv/.parquet file or a dataset saved
-with ``save_to_disk``; rows ``{"prompt", "completion"}`` or ``{"messages"}``):
+On your own model and data (local paths only; nothing is downloaded):
 
-    python examples/sft_spice.py --model Qwen/Qwen2.5-0.5B --dataset pool.jsonl --budget 0.1 --output-dir out
+    python examples/sft_spice.py --model path/to/model --dataset pool.jsonl --budget 0.1 --output-dir out
 
-Afterwards ``out/spice/round-N.json`` / ``.png`` hold each selection round (``spice-trainer report out``), and
-the ``spice/...`` metrics are in the trainer's logs (TensorBoard/W&B with ``--report-to``).
+``--model`` is a folder written by ``save_pretrained``: a causal LM (a LoRA adapter is added with PEFT, as
+usual with ``SFTTrainer(peft_config=...)``) or a PEFT adapter folder whose base model is a local folder (that
+adapter is trained and measured). ``--dataset`` is a .jsonl/.json/.csv/.parquet file or a ``save_to_disk``
+folder with rows ``{"prompt", "completion"}`` (loss on the completion) or ``{"messages"}`` (chat).
+
+Afterwards ``callback.selected_rows`` are the rows of your dataset that were trained on;
+``OUTPUT_DIR/spice/round-N.json`` (and ``.png`` with matplotlib) hold each selection round
+(``spice-trainer report OUTPUT_DIR`` renders them), and the ``spice/...`` metrics are in the trainer's logs
+(TensorBoard / W&B with ``--report-to``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
 from typing import Any
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local paths only: never reach the hub
+
+import torch
 from datasets import Dataset, load_dataset, load_from_disk
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
@@ -28,19 +39,44 @@ from spice_trainer import SpiceConfig, SpiceDataCallback
 
 
 def load_rows(path: str) -> Dataset:
-    """A training dataset from a file or a ``save_to_disk`` folder."""
+    """A training dataset from a local file or a ``save_to_disk`` folder."""
     if Path(path).is_dir():
         loaded = load_from_disk(path)
-        return loaded["train"] if isinstance(loaded, dict) or hasattr(loaded, "keys") else loaded
+        return loaded["train"] if hasattr(loaded, "keys") else loaded
     suffix = Path(path).suffix.lstrip(".")
     builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(suffix)
-    if builder is None:
-        raise ValueError(f"--dataset {path!r}: expected a .json/.jsonl/.csv/.parquet file or a save_to_disk folder")
+    if builder is None or not Path(path).is_file():
+        raise SystemExit(f"--dataset {path!r}: expected a .jsonl/.json/.csv/.parquet file or a save_to_disk folder")
     return load_dataset(builder, data_files=path, split="train")
 
 
+def load_local_model(path: str) -> tuple[Any, Any, bool]:
+    """``(model, tokenizer, has_adapter)`` from a local model folder or a PEFT adapter folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SystemExit(f"--model {path!r}: not a folder; pass a local folder written by save_pretrained")
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base_path = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if not base_path or not Path(base_path).is_dir():
+            raise SystemExit(
+                f"--model {path!r} is a PEFT adapter whose base model {base_path!r} is not a local folder; point "
+                "base_model_name_or_path in adapter_config.json at a local copy"
+            )
+        base = AutoModelForCausalLM.from_pretrained(base_path)
+        model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
+        has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder) if has_tokenizer else base_path)
+        return model, tokenizer, True
+    return AutoModelForCausalLM.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder)), False
+
+
 def toy_model_and_data(rows: int, seed: int) -> tuple[Any, Any, Dataset]:
-    """A tiny Llama, its word-level tokenizer and a noisy synthetic prompt-completion pool (all in-process)."""
+    """A tiny Llama, its word-level tokenizer and a generated prompt-completion pool (all in-process)."""
     from spice_trainer.toy import build_model, build_tokenizer
     from spice_trainer.world import candidate_pool, vocabulary
 
@@ -52,28 +88,35 @@ def toy_model_and_data(rows: int, seed: int) -> tuple[Any, Any, Dataset]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder or hub id (default: a tiny in-process toy model)")
-    parser.add_argument("--dataset", help="training data file or folder (default: the synthetic pool)")
+    parser.add_argument("--model", help="local model or PEFT adapter folder (default: a tiny in-process toy model)")
+    parser.add_argument("--dataset", help="local training data file or folder (default: a generated pool)")
     parser.add_argument("--output-dir", default="sft_spice_output")
     parser.add_argument("--budget", type=float, default=0.1, help="fraction of the pool (<= 1) or a row count")
-    parser.add_argument("--reselect-every-steps", type=int, default=None)
-    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--reselect-every-steps", type=int, default=None, help="select again every N steps")
+    parser.add_argument("--epochs", type=float, default=3.0, help="passes over the selected subset")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--toy-rows", type=int, default=400, help="size of the synthetic pool (toy mode)")
+    parser.add_argument("--lora-r", type=int, default=16, help="rank of the LoRA adapter added to a plain model")
+    parser.add_argument("--toy-rows", type=int, default=400, help="size of the generated pool (toy mode)")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is available")
     parser.add_argument("--report-to", default="none")
     parser.add_argument("--seed", type=int, default=0)
     opts = parser.parse_args(argv)
 
     if (opts.model is None) != (opts.dataset is None):
         parser.error("pass both --model and --dataset, or neither (the offline toy run)")
+    has_adapter = False
     if opts.model is None:
         model, tokenizer, dataset = toy_model_and_data(opts.toy_rows, opts.seed)
-        learning_rate, use_cpu = 5e-3, True
+        learning_rate, max_length, use_cpu = 5e-3, 64, True
     else:
-        model, tokenizer, dataset = opts.model, None, load_rows(opts.dataset)
-        learning_rate, use_cpu = opts.learning_rate, False
+        model, tokenizer, has_adapter = load_local_model(opts.model)
+        dataset = load_rows(opts.dataset)
+        learning_rate, max_length = opts.learning_rate, opts.max_length
+        use_cpu = opts.cpu or not torch.cuda.is_available()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
     budget: float | int = int(opts.budget) if opts.budget > 1 else opts.budget
     trainer = SFTTrainer(
@@ -85,14 +128,17 @@ def main(argv: list[str] | None = None) -> None:
             num_train_epochs=opts.epochs,
             per_device_train_batch_size=opts.batch_size,
             learning_rate=learning_rate,
-            max_length=opts.max_length,
+            max_length=max_length,
             logging_steps=5,
             save_strategy="no",
             report_to=opts.report_to,
             use_cpu=use_cpu,
             seed=opts.seed,
         ),
-        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
+        # A model that already carries an adapter trains that one; otherwise PEFT adds LoRA on every linear layer.
+        peft_config=None
+        if has_adapter
+        else LoraConfig(r=opts.lora_r, lora_alpha=2 * opts.lora_r, target_modules="all-linear", task_type="CAUSAL_LM"),
         # The one line SPICE adds: train on the subset it selects (and re-selects on schedule).
         callbacks=[SpiceDataCallback(SpiceConfig(budget=budget, reselect_every_steps=opts.reselect_every_steps))],
     )
@@ -101,8 +147,15 @@ def main(argv: list[str] | None = None) -> None:
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SpiceDataCallback))
     if callback.selection is not None:
         print(callback.selection.summary())
-    print(f"trained on {len(callback.selected_rows)} of {len(dataset)} rows; first ids: {callback.selected_rows[:10]}")
-    print(f"reports in {Path(opts.output_dir) / 'spice'}")
+    rows = callback.selected_rows  # rows of `dataset` as passed, whatever TRL filtered or shuffled
+    print(f"trained on {len(rows)} of {len(dataset)} rows; first ids: {rows[:10]}")
+    for row in rows[:2]:
+        example = dataset[row]
+        shown = {k: example[k] for k in ("prompt", "completion", "messages") if k in example}
+        print(f"  row {row}: {json.dumps(shown, ensure_ascii=False)[:200]}")
+    reports = Path(opts.output_dir) / "spice"
+    files = sorted(p.name for p in reports.glob("round-*")) if reports.is_dir() else []
+    print(f"reports in {reports}: {', '.join(files) or 'none'} (render with `spice-trainer report {opts.output_dir}`)")
 
 
 if __name__ == "__main__":
