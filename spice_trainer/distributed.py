@@ -291,8 +291,9 @@ def distributed_greedy(
     Every rank holds the features of its own rows only and the full set state (``M⁻¹`` or the dual
     Cholesky factor, ``Σ_S g``; ``O(d²)`` or ``O(k d)``). One pick:
 
-    1. each rank scores its rows, ``score_x = Δ_x(S) − λ c_x(S)`` (`SpiceObjective.scores`), and takes its
-       local argmax among eligible unpicked rows;
+    1. each rank takes its best eligible unpicked row with `spice_trainer.greedy.best_candidate`, the same
+       rule as one process: its rows' scores ``Δ_x(S) − λ c_x(S)`` screen (float32 row state), the few best
+       are re-scored exactly in float64 from the set state, and their argmax is the rank's candidate;
     2. one all_gather of ``(has, score, global row, Δ, c, b)`` per rank; every rank reads the same table
        and takes the winner: the highest score, ties to the lowest global row (as `torch.argmax` does in a
        single process over rows in order);
@@ -301,9 +302,12 @@ def distributed_greedy(
     4. the owner broadcasts ``g_j: (d,)`` (float64) and every rank applies it: ``objective.add(g_j)``
        (Sherman-Morrison / Cholesky extension of the set state, ``s_i`` and ``g_iᵀΣ_S g`` for its rows).
 
-    The set state sees the same vectors in the same order on every rank and in a single process, and
-    each row's state is updated with the same arithmetic, so the picks equal `select_from_features` with
-    ``greedy="exact"`` on the concatenated features (up to exact floating-point ties, which no test data has).
+    The set state sees the same vectors in the same order on every rank and in a single process, each
+    row's state is updated with the same arithmetic, and the winner's numbers are the exact float64 ones,
+    so the picks equal `select_from_features` with ``greedy="exact"`` on the concatenated features. The
+    only possible difference: one process re-scores its global top few screened rows, ``w`` ranks re-score
+    each their own top few (a superset); they could disagree only if float32 screening ranked the exact
+    winner below several candidates that tie with it to within float32 rounding.
 
     Args:
         local_features: ``(m_r, d)`` features of this rank's rows (non-finite rows are never picked).
@@ -347,7 +351,7 @@ def distributed_greedy(
         )
     device = local_features.device
     budget = config.budget_count(n)
-    finite = torch.isfinite(local_features).all(dim=1)
+    finite = torch.isfinite(local_features).all(dim=1) if m else torch.zeros(0, dtype=torch.bool, device=device)
     local_skipped = [row_list[i] for i in (~finite).nonzero().flatten().tolist()]
     skipped = sorted(gather_rows(torch.tensor(local_skipped, dtype=torch.int64)).tolist())
     if len(skipped) == n:
@@ -356,6 +360,12 @@ def distributed_greedy(
             "Check the gradient pass (e.g. a diverged model or a loss of inf)"
         )
     clean = torch.where(finite.unsqueeze(1), local_features, torch.zeros((), dtype=local_features.dtype))
+    if not any_rank(bool(clean.any())):
+        raise ValueError(
+            f"every finite row of features ({n - len(skipped)} of {n}) is exactly zero, so every gain is 0 and "
+            "there is nothing to select on. The gradients carry no signal: check that the loss reaches the LoRA "
+            "adapter (both lora_A and lora_B at zero, a disabled/merged adapter, or every label masked)"
+        )
     init = _check_initial(initial, n, skipped)
     position = {row: i for i, row in enumerate(row_list)}
     mask = finite.clone()
@@ -394,7 +404,6 @@ def distributed_greedy(
     base_gains: list[float] = []
     progress = _progress(to_pick, show_progress and is_main_process())
     reason: StopReason = "budget"
-    alpha = config.fisher_scale
     try:
         for _ in range(to_pick):
             entry = torch.zeros(_TABLE_WIDTH, dtype=torch.float64)
@@ -407,8 +416,7 @@ def distributed_greedy(
                 entry[_ROW] = float(row_list[j])
                 entry[_GAIN] = gain_j
                 entry[_CONFLICT] = conflict_j
-                assert objective.rows is not None
-                entry[_BASE] = torch.log1p(alpha * objective.rows.sqnorms[j])
+                entry[_BASE] = objective.base_gains_at(at.reshape(1))[0]  # as select_from_features computes b
             table = all_gather_table(entry)
             owner = _winner(table)
             if owner is None:

@@ -71,6 +71,11 @@ def torchrun(script: str, nproc: int, *args: str, timeout: float = 240, env: dic
     }
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     output = proc.stdout + proc.stderr
+    if proc.returncode != 0 and "address already in use" in output.lower():
+        # Another process took the free port between our probe and torchrun's bind: once more, new port.
+        cmd[cmd.index("--master_port") + 1] = str(_free_port())
+        proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"torchrun {script} failed ({proc.returncode}):\n{output[-6000:]}"
     return output
 
@@ -232,3 +237,90 @@ def test_distributed_greedy_equals_single_process(tmp_path: Path, nproc: int) ->
     assert ranks[0]["stop_on_rank1_rows"]["stop_reason"] == "early_stop"
     assert ranks[0]["stop_on_rank1_rows"]["indices"] == [0, 1, 2]
     assert ranks[0]["exhausted"]["stop_reason"] == "exhausted"
+
+
+# --- full Trainer runs -----------------------------------------------------------------------------
+
+
+def _tiny() -> Any:
+    spec = importlib.util.spec_from_file_location("tiny", SCRIPTS / "tiny.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reference_selection(settings: dict[str, Any]) -> list[int]:
+    """The first round as one process computes it: `select` on the same model, data and collator."""
+    from transformers import default_data_collator
+
+    from spice_trainer.pipeline import select
+
+    tiny = _tiny()
+    tok, model = tiny.build()
+    config = SpiceConfig(**{"budget": 12, "proj_dim": 16, "batch_size": 4, **settings})
+    return select(model, tiny.hf_dataset(tok, n=48), config, default_data_collator, show_progress=False).indices
+
+
+@pytest.mark.slow
+def test_trainer_two_ranks_select_like_one_process(tmp_path: Path) -> None:
+    """`Trainer` + `SpiceDataCallback` under torchrun with 2 gloo processes (gather-then-greedy): the same
+    selection on both ranks, equal to `select` in this single process on the same model, data and
+    collator; the two ranks' dataloaders together yield exactly the selected rows; only rank 0 reports."""
+    torchrun("trainer_run.py", 2, str(tmp_path), "{}")
+    ranks = _per_rank(tmp_path, 2)
+    expected = _reference_selection({})
+    for res in ranks:
+        assert res["world"] == 2
+        (only_round,) = res["rounds"]
+        assert only_round["indices"] == expected
+        assert only_round["metadata"]["distributed"] == {
+            "world_size": 2,
+            "strategy": "gather",
+            "rows_per_rank": [24, 24],
+        }
+    yielded = [row for res in ranks for row in res["yielded"]]
+    # 12 rows, 2 per device per step on 2 ranks: every selected row is drawn exactly once in the epoch.
+    assert sorted(yielded) == sorted(expected)
+    assert ranks[0]["reports"] == ["round-0.json", "round-0.png"]
+    assert ranks[1]["reports"] is None
+
+
+@pytest.mark.slow
+def test_trainer_distributed_greedy_reselection_and_store(tmp_path: Path) -> None:
+    """2 ranks, distributed greedy forced (SPICE_GATHER_LIMIT_BYTES=0), early stopping, the feature store,
+    and reselection every 2 steps in grow mode: every round is identical on both ranks (the early stops
+    included), each round grows the previous subset, the first equals one process's selection through its
+    own store, and the dataloaders draw only selected rows."""
+    settings = {"budget": 16, "stop_ratio": 0.5, "reselect_every_steps": 2, "mode": "grow"}
+    store = tmp_path / "store"
+    out = tmp_path / "run"
+    out.mkdir()
+    torchrun(
+        "trainer_run.py",
+        2,
+        str(out),
+        json.dumps({**settings, "feature_store": str(store)}),
+        "3",
+        env={sd.GATHER_LIMIT_ENV: "0"},
+    )
+    r0, r1 = _per_rank(out, 2)
+    assert len(r0["rounds"]) >= 2  # the first round and at least one reselection
+    for a, b in zip(r0["rounds"], r1["rounds"], strict=True):
+        _assert_same_selection(a, b)
+        assert a["metadata"]["distributed"]["strategy"] == "distributed"
+        assert a["metadata"]["feature_store"] == b["metadata"]["feature_store"]
+    first = r0["rounds"][0]
+    assert first["stop_reason"] == "early_stop" and len(first["indices"]) < 16
+    selected = set(first["indices"])
+    for later in r0["rounds"][1:]:
+        assert set(later["initial"]) == selected  # grow keeps every row
+        selected |= set(later["indices"])
+    # Both ranks wrote their own chunks of the first round's store; nothing was reused on a fresh store.
+    meta = first["metadata"]["feature_store"]
+    assert meta["reused_chunks"] == 0 and meta["computed_chunks"] >= 2
+    drawn = [row for res in (r0, r1) for row in res["yielded"]]
+    assert drawn and set(drawn) <= selected
+
+    expected = _reference_selection({"stop_ratio": 0.5, "budget": 16, "feature_store": str(tmp_path / "ref")})
+    assert first["indices"] == expected

@@ -1,0 +1,97 @@
+"""Launched by tests/test_distributed.py under torchrun: a full `Trainer` run with `SpiceDataCallback`.
+
+Usage: ``trainer_run.py OUT_DIR SETTINGS_JSON [EPOCHS]``. SETTINGS_JSON holds `SpiceConfig` overrides
+(tuples as lists); EPOCHS defaults to 1. The Trainer initialises the gloo process group itself
+(``use_cpu=True`` under torchrun is accelerate's MULTI_CPU mode). Each rank writes
+``OUT_DIR/rank<r>.json``: every round's `Selection` as this rank saw it (read from the callback right
+after the round) and the dataset rows this rank's dataloader actually yielded (recovered from the
+batches the collator received).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from tiny import build, hf_dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+from spice_trainer import SpiceConfig, SpiceDataCallback
+
+
+class RecordingCollator:
+    """`default_data_collator` that remembers the input_ids of every row the *dataloader* batches.
+
+    Calls from SPICE's own gradient pass (selection, not training) are not recorded.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not sys._getframe(1).f_code.co_filename.endswith("spice_trainer/gradients.py"):
+            self.seen.extend(list(f["input_ids"]) for f in features)
+        return default_data_collator(features)
+
+
+class RoundRecorder(TrainerCallback):
+    """Copies the SPICE callback's selection whenever a new one appears (after the round, every rank)."""
+
+    def __init__(self, spice: SpiceDataCallback) -> None:
+        self.spice = spice
+        self.rounds: list[dict[str, Any]] = []
+
+    def _check(self) -> None:
+        if len(self.spice.rounds) > len(self.rounds):
+            assert self.spice.selection is not None
+            self.rounds.append(self.spice.selection.to_dict())
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._check()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._check()
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[2]).items()}
+    tok, model = build()
+    data = hf_dataset(tok, n=48)
+    config = SpiceConfig(**{"budget": 12, "proj_dim": 16, "batch_size": 4, **settings})
+    spice = SpiceDataCallback(config)
+    recorder = RoundRecorder(spice)
+    collator = RecordingCollator()
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=2,
+        num_train_epochs=int(sys.argv[3]) if len(sys.argv) > 3 else 1,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[spice, recorder])
+    trainer.train()
+    recorder._check()
+    row_of = {tuple(ids): i for i, ids in enumerate(data["input_ids"])}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    result = {
+        "rank": rank,
+        "world": dist.get_world_size() if dist.is_initialized() else 1,
+        "rounds": recorder.rounds,
+        "yielded": [row_of[tuple(ids)] for ids in collator.seen],
+        "reports": sorted(p.name for p in (out / "trainer" / "spice").glob("*")) if rank == 0 else None,
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
