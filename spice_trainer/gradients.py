@@ -19,7 +19,7 @@ Only torch is imported: LoRA layers are recognised structurally (PEFT's ``lora_A
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -188,6 +188,7 @@ def compute_gradient_features(
     with _measuring(model, weights):
         for b, batch_rows in enumerate(batches):
             batch = collate([_prepare_row(dataset[i], config.max_length) for i in batch_rows])
+            _check_batch_rows(batch, len(batch_rows))
             lo = b * config.batch_size
             out = _batch_features(model, weights, batch, device, adam_denoms, batch_rows)
             features[lo : lo + len(batch_rows)] = out[0]
@@ -321,6 +322,21 @@ def _per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     summed = (token_loss * mask).sum(dim=1)
     losses = torch.where(counts > 0, summed / counts.clamp_min(1), torch.full_like(summed, float("nan")))
     return losses, counts
+
+
+def _check_batch_rows(batch: Any, expected: int) -> None:
+    """The collated batch has one row per example (padding-free/packing collators concatenate them)."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError(
+            f"data_collator must return a dict with 'input_ids' (a Mapping of tensors), got {type(batch).__name__}"
+        )
+    rows = torch.as_tensor(batch["input_ids"]).shape[0]
+    if rows != expected:
+        raise ValueError(
+            f"data_collator returned {rows} rows for {expected} examples; per-example gradients need one padded "
+            "row per example, so padding-free or packing collators (e.g. TRL's padding_free=True) are not "
+            "supported: pass a padding collator, or data_collator=None"
+        )
 
 
 def _check_labels(labels: torch.Tensor, vocab_size: int, rows: Sequence[int]) -> None:

@@ -72,14 +72,21 @@ class LeftPadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+@pytest.fixture(scope="module")
+def llama_case():
+    """One model, rows and reference shared by the parametrized comparisons (the reference is the slow part)."""
+    model, rows = _model(), _rows()
+    config = SpiceConfig(proj_dim=48, feature_norm="none")
+    return model, rows, config, _reference(model, rows, config)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_batched_features_equal_the_per_example_backward_loop(batch_size, padding):
-    model, rows = _model(), _rows()
-    config = SpiceConfig(proj_dim=48, feature_norm="none", batch_size=batch_size)
+def test_batched_features_equal_the_per_example_backward_loop(llama_case, batch_size, padding):
+    model, rows, config, ref = llama_case
+    config = config.with_changes(batch_size=batch_size)
     collator = LeftPadCollator() if padding == "left" else None
     got = compute_gradient_features(model, rows, config, collator, show_progress=False)
-    ref = _reference(model, rows, config)
     torch.testing.assert_close(got.features, ref, rtol=1e-4, atol=1e-5)
     # After the causal shift, label positions 1..L-1 remain; position 1 is a masked prompt token.
     assert got.num_tokens.tolist() == [len(r["input_ids"]) - 2 for r in rows]
@@ -234,3 +241,80 @@ def test_several_active_adapters_need_an_explicit_choice():
         gradient_features(model, _rows(2), SpiceConfig())
     feats = compute_gradient_features(model, _rows(2), SpiceConfig(proj_dim=8), adapter_name="second").features
     assert feats.shape == (2, 8)
+
+
+def test_gradient_checkpointing_and_input_require_grads(llama_case):
+    # What Trainer(gradient_checkpointing=True) and PEFT's prepare_model_for_kbit_training leave behind.
+    model, rows, config, ref = llama_case
+    model = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    got = gradient_features(model, rows, config.with_changes(batch_size=4))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert model.is_gradient_checkpointing and model.training
+    flags = [m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    assert flags and all(flags)
+
+
+def test_collators_from_transformers_and_trl(llama_case):
+    from transformers import DataCollatorWithPadding
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model, rows, config, ref = llama_case
+    config = config.with_changes(batch_size=4)
+    # TRL's collator pads right, labels -100 on padding; rows carry the completion-only labels.
+    trl = DataCollatorForLanguageModeling(pad_token_id=TOK.pad_token_id)
+    torch.testing.assert_close(gradient_features(model, rows, config, trl), ref, rtol=1e-4, atol=1e-5)
+    # Rows with a TRL-style completion_mask and no labels through our own collator: the same targets.
+    masked = [{"input_ids": r["input_ids"], "completion_mask": [0, 0] + [1] * (len(r["input_ids"]) - 2)} for r in rows]
+    torch.testing.assert_close(gradient_features(model, masked, config), ref, rtol=1e-4, atol=1e-5)
+    # DataCollatorWithPadding gives no labels: every real token is a target, padding is not.
+    plain = [{"input_ids": r["input_ids"]} for r in rows[:4]]
+    full_labels = [{**r, "labels": r["input_ids"]} for r in plain]
+    got = gradient_features(model, plain, config, DataCollatorWithPadding(TOK))
+    torch.testing.assert_close(got, _reference(model, full_labels, config), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="padding-free or packing collators"):
+        gradient_features(model, rows, config, DataCollatorForLanguageModeling(TOK.pad_token_id, padding_free=True))
+
+
+def test_lora_on_the_embedding_is_left_out_with_a_warning(caplog):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        build_model(TOK, hidden_size=32), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj", "v_proj"])
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # non-zero B, so lora_A has a gradient too
+            torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(0))
+    rows, config = _rows(4), SpiceConfig(proj_dim=16, feature_norm="none")
+    with caplog.at_level("WARNING", logger="spice_trainer.gradients"):
+        got = gradient_features(model, rows, config)
+    assert "left out of the gradient features" in caplog.text and "embed_tokens" in caplog.text
+    names = [n for n, _ in find_lora_weights(model)[1]]
+    assert len(names) == 8 and not any("embed" in n for n in names)  # q and v of 2 layers, A and B
+    torch.testing.assert_close(got, _reference(model, rows, config), rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_wrapped_model_is_measured_inside_and_training_continues(llama_case, tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, rows, config, ref = llama_case
+    model = copy.deepcopy(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        # find_unused_parameters=True is the reducer mode most sensitive to a forward without a backward.
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        torch.testing.assert_close(gradient_features(ddp, rows, config.with_changes(batch_size=4)), ref)
+        # The pass runs on the wrapped module: the next ordinary DDP step works and yields the plain gradient.
+        ddp.train()
+        batch = {"input_ids": torch.tensor([rows[0]["input_ids"]]), "labels": torch.tensor([rows[0]["labels"]])}
+        ddp(**batch).loss.backward()
+        got = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        for g, p in zip(got, [p for p in model.parameters() if p.requires_grad], strict=True):
+            torch.testing.assert_close(g, p.grad)
+    finally:
+        dist.destroy_process_group()
