@@ -171,6 +171,15 @@ def test_resume_with_a_changed_dataset_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="training dataset differs"):
         trainer.train(resume_from_checkpoint=True)
+    changed = Trainer(
+        model=tw.model(),
+        args=tw.args(tmp_path / "run", max_steps=4),
+        train_dataset=tw.dataset(),
+        data_collator=tw.RecordingCollator(),
+        callbacks=[SpiceDataCallback(SpiceConfig(budget=0.5, proj_dim=32))],
+    )
+    with pytest.raises(ValueError, match=r"SpiceConfig changed .*fields: budget"):
+        changed.train(resume_from_checkpoint=True)
 
 
 def test_reports_and_logs(tmp_path):
@@ -196,6 +205,17 @@ def test_unsupported_settings_are_refused(tmp_path):
         )
     with pytest.raises(TypeError, match="SpiceDataCallback takes a SpiceConfig"):
         SpiceDataCallback({"budget": 0.1})
+    with pytest.raises(ValueError, match="needs a train_dataset"):
+        Trainer(model=tw.model(), args=tw.args(tmp_path), callbacks=[SpiceDataCallback(SpiceConfig())])
+    too_big = Trainer(
+        model=tw.model(),
+        args=tw.args(tmp_path, max_steps=1),
+        train_dataset=tw.dataset(),
+        data_collator=tw.RecordingCollator(),
+        callbacks=[SpiceDataCallback(SpiceConfig(budget=40))],
+    )
+    with pytest.raises(ValueError, match="budget=40 exceeds the pool size n=32"):
+        too_big.train()
 
 
 def test_iterable_dataset_is_refused(tmp_path):
