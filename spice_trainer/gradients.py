@@ -304,22 +304,23 @@ def _batch_features(
 def _per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's mean next-token cross-entropy over its supervised tokens (labels ≠ -100).
 
-    Matches transformers' ``ForCausalLMLoss`` on a batch of one: logits upcast to float32, labels shifted
-    left by one.
+    Matches transformers' ``ForCausalLMLoss`` on a batch of one: logits upcast to float32, the labels (not
+    the logits, which would copy the ``(n, T, V)`` tensor) shifted left by one with -100 appended.
+
+    Args:
+        logits: ``(n, T, V)``.
+        labels: ``(n, T)``, -100 where there is no loss.
 
     Returns:
         ``(losses (n,), counts (n,))``; a row without a supervised token has loss NaN and count 0.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    mask = shift_labels != -100
+    logits = logits.float()
+    shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
     token_loss = nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.clamp_min(0).reshape(-1),
-        reduction="none",
+        logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
     ).reshape(shift_labels.shape)
-    counts = mask.sum(dim=1)
-    summed = (token_loss * mask).sum(dim=1)
+    counts = (shift_labels != -100).sum(dim=1)
+    summed = token_loss.sum(dim=1)  # ignored targets contribute exactly 0
     losses = torch.where(counts > 0, summed / counts.clamp_min(1), torch.full_like(summed, float("nan")))
     return losses, counts
 

@@ -127,5 +127,4 @@ def _rademacher_signs(count: int, gen: torch.Generator, scale: float = 1.0) -> t
     words = torch.empty(-(-count // (8 * _BYTES_PER_WORD)), dtype=torch.int64).random_(generator=gen)
     byte_values = ((words.unsqueeze(-1) >> _BYTE_SHIFTS) & 255).reshape(-1)
     table = _SIGN_TABLE if scale == 1.0 else _SIGN_TABLE * scale
-    signs = torch.index_select(table, 0, byte_values).reshape(-1)
-    return signs if signs.shape[0] == count else signs[:count].clone()
+    return torch.index_select(table, 0, byte_values).reshape(-1)[:count]  # < 56 spare entries: keep the view
