@@ -36,6 +36,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -59,13 +60,24 @@ logger = logging.getLogger(__name__)
 
 Collator = Callable[[list[dict[str, Any]]], dict[str, Any]]
 
+#: The file in each checkpoint that holds the proxy's adapter, its optimizer state and the round position.
+PROXY_STATE_FILE = "spice_proxy.pt"
+
 #: Candidates in the agreement probe (seeded by ``config.seed``; the same rows every round).
 PROBE_SIZE = 64
 
 # The adapter a proxy gets when the target is not a PEFT model: PEFT's usual starting point.
 _DEFAULT_LORA: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
-__all__ = ["PROBE_SIZE", "Agreement", "ProxyModel", "ProxyRounds", "check_proxy_compatible", "proxy_agreement"]
+__all__ = [
+    "PROBE_SIZE",
+    "PROXY_STATE_FILE",
+    "Agreement",
+    "ProxyModel",
+    "ProxyRounds",
+    "check_proxy_compatible",
+    "proxy_agreement",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,8 +240,9 @@ class ProxyModel:
 
     Args:
         source: the proxy: a causal LM object (a PEFT model keeps its adapter; a plain model gets one), or a
-            local directory for ``AutoModelForCausalLM.from_pretrained(source, local_files_only=True)``
-            (nothing is downloaded). Its tokenizer is read from the directory when present.
+            local directory (or a hub id already in the local cache) for
+            ``AutoModelForCausalLM.from_pretrained(source, local_files_only=True)``: nothing is downloaded. Its
+            tokenizer is read from the same place when present.
         config: uses ``proxy_device``, ``proxy_learning_rate``, ``batch_size``, ``max_length`` (and the
             selection fields in `select`).
         target: the target model (the trainer's). Gives the default device, the default adapter (the
@@ -241,8 +254,8 @@ class ProxyModel:
         lora_config: a ``peft.LoraConfig`` for the proxy's adapter, overriding the default.
 
     Raises:
-        ValueError: see `check_proxy_compatible`; a path that is not a local directory; a proxy that is the
-            target; a proxy partitioned by DeepSpeed ZeRO-3.
+        ValueError: see `check_proxy_compatible`; a path that is neither a local model directory nor in the
+            local cache; a proxy that is the target; a proxy partitioned by DeepSpeed ZeRO-3.
         TypeError: ``source`` is neither a model nor a path.
     """
 
@@ -588,18 +601,28 @@ class ProxyModel:
 
 
 def _load_local(path: str) -> tuple[nn.Module, Any]:
-    """``AutoModelForCausalLM`` (and, when present, ``AutoTokenizer``) from a local directory, never
-    partitioned by DeepSpeed ZeRO-3 and never downloaded."""
-    if not os.path.isdir(path):
-        raise ValueError(
-            f"proxy_model={path!r} is not a local directory; the proxy is loaded with local_files_only=True. "
-            "Download it first (e.g. `hf download Qwen/Qwen2-0.5B --local-dir ./qwen2-0.5b`) or pass a model object"
-        )
+    """``AutoModelForCausalLM`` (and, when present, ``AutoTokenizer``) from a local directory or a hub id
+    already in the local cache — never downloaded (no network request), never partitioned by ZeRO-3."""
     from transformers import AutoModelForCausalLM
 
+    folder = path if os.path.isdir(path) else _cached_snapshot(path)
     with _outside_zero3():
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    return model, _tokenizer_in(path)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    return model, _tokenizer_in(folder)
+
+
+def _cached_snapshot(name: str) -> str:
+    """The local snapshot folder of a hub id in the Hugging Face cache (no network request)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return str(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError) as err:  # not in the cache (OSError), or not a valid repo id (ValueError)
+        raise ValueError(
+            f"proxy_model={name!r} is not a local model directory nor in the local Hugging Face cache; the proxy "
+            "is never downloaded. Download it first (e.g. `hf download Qwen/Qwen2-0.5B --local-dir ./qwen2-0.5b`) "
+            f"and pass the folder, or pass a model object ({type(err).__name__})"
+        ) from err
 
 
 def _tokenizer_beside(model: nn.Module) -> Any:
@@ -989,6 +1012,47 @@ class ProxyRounds:
             )
         selection.metadata["seconds"] = time.perf_counter() - start
         return selection
+
+    def save_state(self, folder: Path) -> None:
+        """Write the proxy's adapter, its optimizer state and the last round's sample position to
+        ``folder / PROXY_STATE_FILE`` (called by the callback in each checkpoint), so a resumed run refreshes
+        and selects exactly as the uninterrupted one. A failing write is logged, never raised."""
+        state = {
+            "adapter": {name: p.detach().cpu() for name, p in self._adapter_parameters()},
+            "optimizer": self.proxy.optimizer.state_dict(),
+            "mark": list(self._mark),
+            "refresh_steps": self.proxy.refresh_steps,
+        }
+        try:
+            tmp = folder / f".{PROXY_STATE_FILE}.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, folder / PROXY_STATE_FILE)
+        except OSError as err:
+            logger.warning("spice: could not save the proxy state into %s: %s", folder, err)
+
+    def load_state(self, folder: Path) -> None:
+        """Restore what `save_state` wrote; without the file the proxy keeps its fresh adapter (logged)."""
+        path = folder / PROXY_STATE_FILE
+        if not path.is_file():
+            logger.warning("spice: %s has no %s; the proxy restarts from its initial adapter", folder, PROXY_STATE_FILE)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        params = dict(self._adapter_parameters())
+        if set(state["adapter"]) != set(params):
+            raise ValueError(
+                f"{path} holds an adapter with other weights than the proxy's ({len(state['adapter'])} vs "
+                f"{len(params)} tensors); resume with the same proxy_model"
+            )
+        with torch.no_grad():
+            for name, value in state["adapter"].items():
+                params[name].copy_(value.to(params[name].device))
+        self.proxy.optimizer.load_state_dict(state["optimizer"])
+        self._mark = (int(state["mark"][0]), int(state["mark"][1]))
+        self.proxy.refresh_steps = int(state["refresh_steps"])
+
+    def _adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        ids = {id(p) for p in self.proxy._params}
+        return [(name, p) for name, p in self.proxy.model.named_parameters() if id(p) in ids]
 
     def _drawn_rows(self, sampler: _SamplerLike) -> list[int]:
         """Distinct rows yielded from the previous round's position up to now, in first-draw order."""

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 import trainer_world as tw
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from spice_trainer import SpiceConfig, SpiceDataCallback, select, select_from_features
 from spice_trainer.gradients import compute_gradient_features
-from spice_trainer.proxy import ProxyModel, proxy_agreement, spearman
+from spice_trainer.proxy import PROXY_STATE_FILE, ProxyModel, proxy_agreement, spearman
 from spice_trainer.toy import add_lora, build_model, build_tokenizer
 
 TOK = tw.TOK
@@ -237,7 +237,7 @@ def test_a_compatible_proxy_loads_from_a_local_path_with_its_tokenizer(tmp_path)
     proxy = ProxyModel(config.proxy_model, config, target=_target(), tokenizer=TOK)
     assert proxy.tokenizer is not None and proxy.tokenizer.get_vocab() == TOK.get_vocab()
     assert len(proxy.select(tw.dataset(16), config).indices) == 4
-    with pytest.raises(ValueError, match="not a local directory"):
+    with pytest.raises(ValueError, match="not a local model directory nor in the local Hugging Face cache"):
         ProxyModel(str(tmp_path / "missing"), config, target=_target(), tokenizer=TOK)
 
 
@@ -404,3 +404,48 @@ def test_rounds_select_through_the_proxy_end_to_end_with_a_real_trainer(tmp_path
 
 def _read_json(path):
     return json.loads(path.read_text())
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after ``step`` optimizer steps, like a job killed right after a checkpoint."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+@pytest.mark.slow
+def test_resume_restores_the_proxy_and_reproduces_the_uninterrupted_rounds(tmp_path):
+    data = tw.dataset(32)
+    base = _proxy_base()
+    common = {"num_train_epochs": 3, "save_strategy": "steps", "save_steps": 2, "learning_rate": 5e-2}
+
+    def run(folder, *, stop_at=None, resume=None):
+        config = _config(budget=8, proxy_model=copy.deepcopy(base), proxy_refresh_every_pools=2, reselect_every_steps=3)
+        callback = SpiceDataCallback(config)
+        trainer = Trainer(
+            model=_target(),
+            args=tw.args(folder, **common),
+            train_dataset=data,
+            data_collator=TrainingCollator(),
+            processing_class=TOK,
+            callbacks=[callback] + ([StopAt(stop_at)] if stop_at else []),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return callback
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "cut", stop_at=2)
+    checkpoint = tmp_path / "cut" / "checkpoint-2"
+    assert (checkpoint / PROXY_STATE_FILE).is_file()
+    resumed = run(tmp_path / "cut", resume=str(checkpoint))
+    # Rounds at steps 0 and 3; the one at step 3 runs after the resume, on a proxy restored from checkpoint-2
+    # (adapter, optimizer, position of the last round), so it refreshes and selects as the full run did.
+    assert [r.step for r in full.rounds] == [0, 3]
+    assert [vars(s) for s in resumed.sampler.history] == [vars(s) for s in full.sampler.history]
+    full_proxy, resumed_proxy = full._select_fn.proxy, resumed._select_fn.proxy
+    assert resumed_proxy.refresh_steps == full_proxy.refresh_steps > 0
+    assert _same(_snapshot(resumed_proxy.model), _snapshot(full_proxy.model))

@@ -481,6 +481,9 @@ class SpiceDataCallback(TrainerCallback):
             os.replace(tmp, folder / STATE_FILE)
         except OSError as err:
             logger.warning("spice: could not save the selection state into %s: %s", folder, err)
+        save_state = getattr(self._select_fn, "save_state", None)  # e.g. the proxy's adapter (ProxyRounds)
+        if callable(save_state):
+            save_state(folder)
 
     def _load_checkpoint_state(self, checkpoint: str) -> bool:
         path = Path(checkpoint) / STATE_FILE
@@ -508,6 +511,9 @@ class SpiceDataCallback(TrainerCallback):
         self.rounds = [_RoundRecord(**r) for r in saved.get("rounds", [])]
         self._reference_gain = saved.get("reference_gain")
         self._last_round_step = self.rounds[-1].step if self.rounds else -1
+        load_state = getattr(self._select_fn, "load_state", None)
+        if callable(load_state):
+            load_state(Path(checkpoint))
         logger.info("spice: resumed the selection state of %s (%d rounds)", checkpoint, len(self.rounds))
         return True
 
