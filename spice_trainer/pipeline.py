@@ -181,30 +181,44 @@ def _select_sharded(
 
     store_meta: dict[str, Any] | None = None
     chunk = 1
-    if config.feature_store is not None:
-        store = _open_store(model, dataset, config, data_collator, optimizer, n)
-        chunk = store.chunk_rows
-        rows = sd.shard_rows(n, world, rank, chunk_rows=chunk)
-        chunks = sd.shard_chunks(store.num_chunks, world, rank)
-        bar = _chunk_progress(len(chunks), show_progress and main)
-        try:
+    stats = None
+    error: BaseException | None = None
+    # The local pass may fail on one rank only (a bad row in its shard). Every rank then raises here,
+    # agreed before the next collective, instead of leaving the others waiting in an all_gather.
+    try:
+        if config.feature_store is not None:
+            store = _open_store(model, dataset, config, data_collator, optimizer, n)
+            chunk = store.chunk_rows
+            rows = sd.shard_rows(n, world, rank, chunk_rows=chunk)
+            chunks = sd.shard_chunks(store.num_chunks, world, rank)
+            bar = _chunk_progress(len(chunks), show_progress and main)
+            try:
 
-            def compute_chunk(chunk_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                out = compute(chunk_rows, False)
+                def compute_chunk(chunk_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    out = compute(chunk_rows, False)
+                    if bar is not None:
+                        bar.update(1)
+                    return out
+
+                stats = store.fill(chunks, compute_chunk)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                return out
-
-            stats = store.fill(chunks, compute_chunk)
-        finally:
-            if bar is not None:
-                bar.close()
-        local_feats, local_losses, local_tokens = store.read_rows(rows)
+                    bar.close()
+            local_feats, local_losses, local_tokens = store.read_rows(rows)
+        else:
+            rows = sd.shard_rows(n, world, rank)
+            local_feats, local_losses, local_tokens = compute(list(rows), show_progress and main)
+    except Exception as exc:
+        error = exc
+    if sd.any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise RuntimeError(
+            "spice: the gradient pass failed on another rank (see that rank's error); every rank stops this round"
+        )
+    if stats is not None:
         totals = [sum(col) for col in zip(*sd.all_gather_ints([stats.reused, stats.computed]), strict=True)]
         store_meta = {"path": str(store.path), "reused_chunks": totals[0], "computed_chunks": totals[1]}
-    else:
-        rows = sd.shard_rows(n, world, rank)
-        local_feats, local_losses, local_tokens = compute(list(rows), show_progress and main)
     feature_seconds = time.perf_counter() - start
 
     losses = sd.gather_rows(local_losses.float())
@@ -279,22 +293,31 @@ def _open_store(
     optimizer: torch.optim.Optimizer | None,
     n: int,
 ) -> FeatureStore:
-    """Rank 0 fingerprints and creates the store; the key is broadcast; then every other rank opens it."""
+    """Rank 0 fingerprints and creates the store, then broadcasts the key; every other rank opens it.
+
+    A failure on rank 0 (fingerprint, disk) is broadcast as a missing key, so every rank raises.
+    """
     assert config.feature_store is not None
     key: str | None = None
     description: dict[str, Any] | None = None
-    if sd.is_main_process():
-        key, description = store_fingerprint(model, dataset, config, data_collator, optimizer=optimizer)
-    key = sd.broadcast_object(key, src=0)
-    assert key is not None
     chunk_rows = default_chunk_rows(n, config.batch_size)
     store: FeatureStore | None = None
+    error: BaseException | None = None
     if sd.is_main_process():
-        store = FeatureStore.open(
-            config.feature_store, key, n=n, proj_dim=config.proj_dim, chunk_rows=chunk_rows, description=description
-        )
-    sd.barrier()  # the files exist before any other rank maps them
+        try:
+            key, description = store_fingerprint(model, dataset, config, data_collator, optimizer=optimizer)
+            store = FeatureStore.open(
+                config.feature_store, key, n=n, proj_dim=config.proj_dim, chunk_rows=chunk_rows, description=description
+            )
+        except Exception as exc:  # agreed below: the other ranks must not wait for a key that never comes
+            error = exc
+    key = sd.broadcast_object(None if error is not None else key, src=0)
+    if error is not None:
+        raise error
+    if key is None:
+        raise RuntimeError("spice: rank 0 could not open the feature store (see its error)")
     if store is None:
+        # The files exist: rank 0 created them before broadcasting the key.
         store = FeatureStore.open(
             config.feature_store, key, n=n, proj_dim=config.proj_dim, chunk_rows=chunk_rows, create=False
         )

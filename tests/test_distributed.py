@@ -324,3 +324,17 @@ def test_trainer_distributed_greedy_reselection_and_store(tmp_path: Path) -> Non
 
     expected = _reference_selection({"stop_ratio": 0.5, "budget": 16, "feature_store": str(tmp_path / "ref")})
     assert first["indices"] == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_store", [False, True])
+def test_a_failure_on_one_rank_stops_every_rank(tmp_path: Path, with_store: bool) -> None:
+    """A bad row in rank 1's shard makes only rank 1's gradient pass fail; rank 0 must raise too (the
+    failure is agreed before the next collective) instead of waiting forever in an all_gather."""
+    out = tmp_path / "out"
+    out.mkdir()
+    extra = [str(tmp_path / "store")] if with_store else []
+    torchrun("failing_rank.py", 2, str(out), *extra, timeout=180)
+    r0, r1 = _per_rank(out, 2)
+    assert r1["error"] == "ValueError" and "outside" in r1["message"]
+    assert r0["error"] == "RuntimeError" and "another rank" in r0["message"]
