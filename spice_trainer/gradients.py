@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -62,9 +63,22 @@ class _LoraWeight:
     name: str  # e.g. "base_model.model.layers.0.self_attn.q_proj.lora_A"
     module: nn.Linear  # the lora_A[adapter] or lora_B[adapter] Linear
     projector: BlockProjector
-    # (input, output) of every call in the current forward: usually one; a module called several times
-    # (shared weights) gets the sum of its calls' gradients.
+    adam_denom: torch.Tensor | None = None  # (1, out·in) on the weight's device, feature_norm="adam" only
+    # lora_A only: (input, output) of every call in the current forward (usually one; a module called several
+    # times gets the sum of its calls' gradients). lora_B calls are consumed during the backward instead.
     calls: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def is_b(self) -> bool:
+        return self.name.endswith("lora_B")
+
+
+@dataclass
+class _Pass:
+    """The batch being measured: its size and the ``(n, d)`` float32 accumulator of projected gradients."""
+
+    batch_size: int = 0
+    acc: torch.Tensor | None = None
 
 
 def find_lora_weights(model: nn.Module, adapter_name: str | None = None) -> tuple[str, list[tuple[str, nn.Linear]]]:
@@ -185,12 +199,16 @@ def compute_gradient_features(
     device = next(model.parameters()).device
     batches = [rows[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
     bar = _progress(len(batches), show_progress and len(batches) > 1)
-    with _measuring(model, weights):
+    if adam_denoms is not None:
+        for w in weights:
+            w.adam_denom = adam_denoms[id(w.module.weight)].to(w.module.weight.device).reshape(1, -1)
+    state = _Pass()
+    with _measuring(model, weights, state):
         for b, batch_rows in enumerate(batches):
             batch = collate([_prepare_row(dataset[i], config.max_length) for i in batch_rows])
             _check_batch_rows(batch, len(batch_rows))
             lo = b * config.batch_size
-            out = _batch_features(model, weights, batch, device, adam_denoms, batch_rows)
+            out = _batch_features(model, weights, state, batch, device, batch_rows)
             features[lo : lo + len(batch_rows)] = out[0]
             losses[lo : lo + len(batch_rows)] = out[1]
             num_tokens[lo : lo + len(batch_rows)] = out[2]
@@ -218,12 +236,17 @@ def gradient_features(
 def _batch_features(
     model: nn.Module,
     weights: list[_LoraWeight],
-    batch: dict[str, Any],
+    state: _Pass,
+    batch: Mapping[str, Any],
     device: torch.device,
-    adam_denoms: dict[int, torch.Tensor] | None,
     rows: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch: forward, per-example losses, one ``autograd.grad``, per-example gradients, projection.
+
+    ``autograd.grad`` is asked for ``δ^A = ∂L/∂(A x)`` only: these are small (``n × T × r``). On its way there
+    the backward passes every ``lora_B`` output, whose tensor hook turns ``δ^B`` into the projected
+    per-example ``∂ℓ_i/∂B`` at once (`_project_call`), so the large ``n × T × out`` gradients are freed as
+    the backward goes, as in an ordinary backward, and never held together.
 
     Returns:
         ``(features (n, d) float32 CPU, losses (n,) float32 CPU, counts (n,) int64 CPU)``; rows without a
@@ -248,6 +271,8 @@ def _batch_features(
     bsz = input_ids.shape[0]
     proj_dim = weights[0].projector.proj_dim
 
+    state.batch_size = bsz
+    state.acc = torch.zeros(bsz, proj_dim, dtype=torch.float32, device=device)
     try:
         with torch.enable_grad():
             logits = model(**kwargs).logits
@@ -267,38 +292,40 @@ def _batch_features(
                     "or merged (merge_and_unload())? Measure with the adapter active and unmerged"
                 )
             deltas = torch.autograd.grad(total, [out for _, (_, out) in called], allow_unused=True)
-
-        acc = torch.zeros(bsz, proj_dim, dtype=torch.float32, device=device)
-        grads: dict[int, torch.Tensor | None] = {}
-        for (w, (x, out)), delta in zip(called, deltas, strict=True):
-            if delta is None:  # this call does not reach the loss (e.g. a head whose output is unused)
-                continue
-            if x.shape[0] != bsz or out.shape[0] != bsz:
-                raise ValueError(
-                    f"LoRA weight {w.name!r} was called on a tensor of shape {tuple(x.shape)} whose first "
-                    f"dimension is not the batch ({bsz}); per-example gradients need batch-major activations "
-                    "(token-routed layers such as MoE experts are not supported)"
-                )
-            # Σ_t δ_{i,t} x_{i,t}ᵀ for every example i at once: (n, out, in), the weight's layout.
-            x3 = x.reshape(bsz, -1, x.shape[-1]).float()
-            g3 = delta.reshape(bsz, -1, delta.shape[-1]).float()
-            grad = torch.bmm(g3.transpose(1, 2), x3).reshape(bsz, -1)
-            key = id(w)
-            previous = grads.get(key)
-            grads[key] = grad if previous is None else previous + grad
-        for w in weights:
-            summed = grads.pop(id(w), None)
-            if summed is None:  # not called in this batch, or no path to the loss: a zero gradient
-                continue
-            if adam_denoms is not None:
-                summed = summed / adam_denoms[id(w.module.weight)].to(device).reshape(1, -1)
-            acc += w.projector.project(summed)
+        for (w, (x, _)), delta in zip(called, deltas, strict=True):
+            if delta is not None:  # None: this call does not reach the loss (a zero gradient)
+                _project_call(w, x, delta, state)
+        feats = state.acc.cpu()
     finally:
+        state.acc = None
         for w in weights:
             w.calls.clear()
-    feats = acc.cpu()
     feats[~valid.cpu()] = float("nan")
     return feats, losses_cpu, counts_cpu
+
+
+def _project_call(w: _LoraWeight, x: torch.Tensor, delta: torch.Tensor, state: _Pass) -> None:
+    """Add one call's projected per-example gradient to ``state.acc``.
+
+    ``∂ℓ_i/∂W = Σ_t δ_{i,t} x_{i,t}ᵀ`` for every example ``i`` at once, one ``bmm``: ``(n, out, in)``, the
+    weight's own layout, in float32 (a bf16 model's activations are upcast here: the sum over tokens and the
+    projection's sum over ``out × in`` entries keep float32 precision). Materialising it (``n·T·out·in``
+    multiply-adds, then ``n·out·in·d`` for the projection) is ~``d``× cheaper than projecting each token's
+    outer product on the fly (``n·T·out·in·d``).
+
+    Args:
+        x: ``(n, ..., in)`` the call's input (detached). delta: ``(n, ..., out)``, ``∂L/∂(output)``.
+    """
+    acc = state.acc
+    if acc is None:  # pragma: no cover - hooks only fire inside _batch_features
+        return
+    bsz = state.batch_size
+    x3 = x.reshape(bsz, -1, x.shape[-1]).float()
+    g3 = delta.reshape(bsz, -1, delta.shape[-1]).float()
+    grad = torch.bmm(g3.transpose(1, 2), x3).reshape(bsz, -1)
+    if w.adam_denom is not None:
+        grad = grad / w.adam_denom
+    acc += w.projector.project(grad).to(acc.device)  # a no-op unless the model is split across devices
 
 
 def _per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,7 +386,7 @@ def _check_labels(labels: torch.Tensor, vocab_size: int, rows: Sequence[int]) ->
 
 
 @contextmanager
-def _measuring(model: nn.Module, weights: list[_LoraWeight]) -> Iterator[None]:
+def _measuring(model: nn.Module, weights: list[_LoraWeight], state: _Pass) -> Iterator[None]:
     """Eval mode, no gradient checkpointing, hooks on the LoRA weights, their ``requires_grad`` on.
 
     Everything is restored on exit, also on error: each module's ``training`` flag, each module's
@@ -374,8 +401,19 @@ def _measuring(model: nn.Module, weights: list[_LoraWeight]) -> Iterator[None]:
 
     def hook_for(w: _LoraWeight) -> Callable[..., None]:
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if torch.is_grad_enabled():
-                w.calls.append((inputs[0].detach(), output))
+            if state.acc is None or not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            x = inputs[0].detach()
+            if x.shape[0] != state.batch_size or output.shape[0] != state.batch_size:
+                raise ValueError(
+                    f"LoRA weight {w.name!r} was called on a tensor of shape {tuple(x.shape)} whose first "
+                    f"dimension is not the batch ({state.batch_size}); per-example gradients need batch-major "
+                    "activations (token-routed layers such as MoE experts are not supported)"
+                )
+            if w.is_b:
+                output.register_hook(partial(_b_hook, w, x, state))
+            else:
+                w.calls.append((x, output))
 
         return hook
 
@@ -399,6 +437,11 @@ def _measuring(model: nn.Module, weights: list[_LoraWeight]) -> Iterator[None]:
             setattr(m, "gradient_checkpointing", True)  # noqa: B010
         for m, mode in modes.items():
             m.train(mode)
+
+
+def _b_hook(w: _LoraWeight, x: torch.Tensor, state: _Pass, delta: torch.Tensor) -> None:
+    """Tensor hook on a ``lora_B`` output: project ``δ^B`` (leaves the gradient flowing back unchanged)."""
+    _project_call(w, x, delta, state)
 
 
 # --- rows, collation, helpers -------------------------------------------------------------------------
