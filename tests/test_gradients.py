@@ -53,7 +53,10 @@ def _reference(model, rows, config):
         loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
         loss.backward()
         out.append(
-            sum(p.project(m.weight.grad.reshape(1, -1).float()) for p, (_, m) in zip(projectors, lora, strict=True))[0]
+            sum(
+                p.project(torch.zeros(1, m.weight.numel()) if m.weight.grad is None else m.weight.grad.reshape(1, -1))
+                for p, (_, m) in zip(projectors, lora, strict=True)
+            )[0]
         )
     return torch.stack(out)
 
@@ -318,3 +321,52 @@ def test_ddp_wrapped_model_is_measured_inside_and_training_continues(llama_case,
             torch.testing.assert_close(g, p.grad)
     finally:
         dist.destroy_process_group()
+
+
+class _TwiceLM(torch.nn.Module):
+    """A toy causal LM whose ``mix`` layer is applied twice per forward and whose ``unused`` layer never runs."""
+
+    def __init__(self, vocab=30, hidden=12):
+        super().__init__()
+        self.config = type("Config", (), {"pad_token_id": 0})()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.mix = torch.nn.Linear(hidden, hidden)
+        self.unused = torch.nn.Linear(hidden, hidden)
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids, labels=None, **_):
+        h = self.embed(input_ids)
+        h = h + torch.tanh(self.mix(h))
+        h = h + torch.tanh(self.mix(h.cumsum(dim=1) / 4))  # causal: position t sees positions <= t
+        logits = self.head(h)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+            )
+        return type("Out", (), {"logits": logits, "loss": loss})()
+
+
+def test_a_lora_layer_called_twice_sums_its_calls_and_an_unused_one_is_zero():
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = get_peft_model(_TwiceLM(), LoraConfig(r=2, target_modules=["mix", "unused"]))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(1, 30, (6,), generator=g).tolist()), "labels": ids} for _ in range(4)]
+    config = SpiceConfig(proj_dim=16, feature_norm="none", batch_size=4)
+    got = gradient_features(model, rows, config)
+    torch.testing.assert_close(got, _reference(model, rows, config), rtol=1e-4, atol=1e-6)
+    # The reference sums both calls of `mix` in its .grad and has no .grad for `unused` (a zero gradient);
+    # both layers are measured (an uncalled one is not an error).
+    _, lora = find_lora_weights(model)
+    assert [n.split(".")[-2:] for n, _ in lora] == [
+        ["mix", "lora_A"],
+        ["mix", "lora_B"],
+        ["unused", "lora_A"],
+        ["unused", "lora_B"],
+    ]
