@@ -8,12 +8,28 @@ For a LoRA layer ``y = W x + s · B A dropout(x)`` the gradient of one example's
 where ``L = Σ_i ℓ_i`` is the sum of the examples' own losses (each the mean over its supervised tokens),
 so that the gradient of ``L`` restricted to example ``i``'s activations is the gradient of ``ℓ_i``.
 Forward hooks capture ``x``, ``h`` and the outputs of every ``lora_A``/``lora_B``; one
-``torch.autograd.grad`` call returns every ``δ``; batched ``einsum``s give each example's gradient, which
-is projected with a seeded `BlockProjector` per weight and summed (the projection of the concatenated
-gradient). ``param.grad``, optimizer state, RNG streams and DDP reducer state are never touched.
+``torch.autograd.grad`` call w.r.t. the (small, ``n × T × r``) ``lora_A`` outputs returns every ``δ^A``, and
+tensor hooks on the ``lora_B`` outputs consume each ``δ^B`` as the backward passes it (so the large ones are
+freed as in a plain backward). One ``bmm`` per call gives every example's gradient, which is projected with a
+seeded `BlockProjector` per weight and summed (the projection of the concatenated gradient). No weight
+gradient is formed: ``param.grad``, optimizer state, RNG streams and DDP reducer state are never touched.
+Cost: one batched forward + backward, plus ``O(n·T·D)`` for the per-example gradients and ``O(n·D·d)`` for
+the projection (``D`` = LoRA parameters); memory as a plain training step, plus ``O(n·D)`` transient.
+
+What is measured, and what not:
+
+- The ``lora_A``/``lora_B`` weights of one adapter in ``nn.Linear`` LoRA layers (transformers' GPT-2
+  ``Conv1D`` targets get ``nn.Linear`` LoRA factors too). LoRA on embeddings or convolutions is left out
+  with a warning; DoRA and other LoRA variants are refused. Other trainable parameters (``modules_to_save``,
+  a trainable head or embedding, LoRA biases) are not part of the features; a warning says so once.
+- Each example is its own padded row: padding-free/packing collators are refused, and so are layers that see
+  token-routed (not batch-major) activations, such as MoE experts.
+- The pass runs in eval mode (no dropout) without gradient checkpointing, on the module inside a
+  ``DistributedDataParallel`` wrapper; every mode and flag is restored afterwards.
+- A bf16/fp16 model runs in its own dtype; per-example gradients and features are accumulated in float32.
 
 Only torch is imported: LoRA layers are recognised structurally (PEFT's ``lora_A`` / ``lora_B``
-``ModuleDict``s keyed by adapter name).
+``ModuleDict``s keyed by adapter name, with a ``scaling`` dict).
 """
 
 from __future__ import annotations
@@ -155,12 +171,21 @@ def compute_gradient_features(
 ) -> GradientFeatures:
     """Per-example projected LoRA gradients, ``config.batch_size`` examples per forward+backward.
 
+    Row ``i`` of the features is ``P ᵀ vec(∂ℓ_i/∂θ)``, ``θ`` the adapter's LoRA weights and ``ℓ_i`` the row's
+    mean next-token cross-entropy over its supervised tokens (exactly transformers' loss for a batch of one;
+    left or right padding give the same result), ``P`` the seeded ``(D, proj_dim)`` projection (the same for
+    any batch size, row order or machine). ``feature_norm="unit"`` divides each row by its norm; ``"adam"``
+    divides each gradient entry by ``√v̂ + ε`` of the optimizer before projecting (LESS).
+
     Args:
         model: a causal LM with a PEFT LoRA adapter (any transformers architecture).
         dataset: indexable rows holding ``input_ids`` and optionally ``attention_mask``, ``labels``,
             ``completion_mask`` / ``assistant_masks`` (0 marks tokens without loss).
         config: uses ``proj_dim``, ``projection``, ``feature_norm``, ``seed``, ``batch_size``, ``max_length``.
-        data_collator: turns rows into a padded batch with ``labels`` (-100 = no loss); `None` pads right.
+        data_collator: turns rows into a padded batch with ``labels`` (-100 = no loss), e.g. TRL's or the
+            Trainer's collator; without ``labels`` in its batch every non-padding token is a target. `None`:
+            pad right with the model's ``pad_token_id``, -100 on padding and where ``completion_mask`` /
+            ``assistant_masks`` is 0. Columns that are not numbers (text, messages) are dropped first.
         indices: compute only these rows, in this order (sharding, probes). `None` = every row.
         optimizer: the live Adam/AdamW optimizer, required by ``feature_norm="adam"``.
         adapter_name: the LoRA adapter to measure; `None` = the single active one.
@@ -170,8 +195,9 @@ def compute_gradient_features(
         `GradientFeatures` with rows in ``indices`` order.
 
     Raises:
-        ValueError: no LoRA adapter, a row without ``input_ids``, a label outside the vocabulary (other than
-            -100), ``feature_norm="adam"`` without an Adam optimizer.
+        ValueError: no LoRA adapter, several active adapters without ``adapter_name``, a row without
+            ``input_ids``, a label outside the vocabulary (other than -100), ``feature_norm="adam"`` without
+            an Adam optimizer, a padding-free collator, token-routed LoRA layers.
     """
     rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     model = _unwrap(model)
