@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -479,8 +480,8 @@ def _prepare_row(row: Any, max_length: int | None) -> dict[str, Any]:
     Strings, ``None`` and lists of non-numbers (e.g. TRL's ``messages`` or ``prompt`` columns) are dropped:
     collators only pad numbers.
     """
-    if not isinstance(row, dict) or "input_ids" not in row:
-        found = sorted(row) if isinstance(row, dict) else type(row).__name__
+    if not isinstance(row, Mapping) or "input_ids" not in row:
+        found = sorted(row) if isinstance(row, Mapping) else type(row).__name__
         raise ValueError(
             f"each dataset row must be a dict with 'input_ids' (tokenised text), got {found}; tokenise the "
             "dataset first (TRL's SFTTrainer does it for you)"
@@ -489,19 +490,30 @@ def _prepare_row(row: Any, max_length: int | None) -> dict[str, Any]:
     for key, value in row.items():
         if not _is_numeric(value):
             continue
-        if max_length is not None and isinstance(value, list | torch.Tensor) and len(value) > max_length:
+        if max_length is not None and _sequence_length(value) > max_length:
             value = value[:max_length]
         out[key] = value
     return out
 
 
 def _is_numeric(value: Any) -> bool:
-    """A tensor, a number, or a (nested) list/tuple whose first leaf is a number."""
+    """A tensor, a numpy array, a number, or a (nested) list/tuple whose first leaf is one of those."""
     while isinstance(value, list | tuple):
         if not value:
             return True
         value = value[0]
+    if isinstance(value, np.ndarray | np.generic):
+        return value.dtype.kind in "biuf"
     return isinstance(value, torch.Tensor | int | float)
+
+
+def _sequence_length(value: Any) -> int:
+    """The length of a list or a ≥ 1-dimensional tensor/array; 0 for scalars."""
+    if isinstance(value, list | tuple):
+        return len(value)
+    if isinstance(value, torch.Tensor | np.ndarray) and value.ndim > 0:
+        return int(value.shape[0])
+    return 0
 
 
 class _PadCollator:

@@ -370,3 +370,22 @@ def test_a_lora_layer_called_twice_sums_its_calls_and_an_unused_one_is_zero():
         ["unused", "lora_A"],
         ["unused", "lora_B"],
     ]
+
+
+def test_hf_datasets_rows_with_text_messages_ids_and_truncation(llama_case):
+    from datasets import Dataset
+
+    model, rows, config, _ = llama_case
+    max_length = 8
+    table = [
+        {**r, "row_id": i, "messages": [{"role": "user", "content": "hi"}], "text": "a b"} for i, r in enumerate(rows)
+    ]
+    truncated = [{k: r[k][:max_length] for k in ("input_ids", "labels")} for r in rows]
+    expected = _reference(model, truncated, config)
+    config = config.with_changes(batch_size=4, max_length=max_length)
+    ds = Dataset.from_list(table)
+    torch.testing.assert_close(gradient_features(model, ds, config), expected, rtol=1e-4, atol=1e-5)
+    as_torch = ds.with_format("torch", columns=["input_ids", "labels", "row_id"], output_all_columns=True)
+    torch.testing.assert_close(gradient_features(model, as_torch, config), expected, rtol=1e-4, atol=1e-5)
+    as_numpy = ds.with_format("numpy", columns=["input_ids", "labels"])
+    torch.testing.assert_close(gradient_features(model, as_numpy, config), expected, rtol=1e-4, atol=1e-5)
