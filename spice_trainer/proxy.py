@@ -76,7 +76,9 @@ __all__ = [
     "ProxyModel",
     "ProxyRounds",
     "check_proxy_compatible",
+    "probe_rows",
     "proxy_agreement",
+    "spearman",
 ]
 
 
@@ -981,6 +983,9 @@ class ProxyRounds:
             self.proxy.refresh(dataset, trained[lo : lo + group], data_collator) for lo in range(0, len(trained), group)
         ]
         refresh_seconds = time.perf_counter() - start
+        if sampler is not None:
+            # Set now, so a round that fails after the refresh does not train the proxy on the same rows twice.
+            self._mark = sampler.drawn_position()
         agreement = None
         if self._live_measurable(model):
             agreement = proxy_agreement(self.proxy, model, dataset, config, data_collator, target_optimizer=optimizer)
@@ -988,8 +993,6 @@ class ProxyRounds:
         selection = self.proxy.select(
             dataset, config, data_collator, initial=initial, reference_gain=reference_gain, show_progress=show_progress
         )
-        if sampler is not None:
-            self._mark = sampler.drawn_position()
         selection.metadata["proxy"] = {
             "model_type": getattr(getattr(self.proxy.model, "config", None), "model_type", None),
             "device": str(self.proxy.device),
