@@ -5,6 +5,7 @@ import copy
 import json
 import logging
 import sys
+import weakref
 
 import pytest
 import torch
@@ -239,6 +240,48 @@ def test_a_compatible_proxy_loads_from_a_local_path_with_its_tokenizer(tmp_path)
     assert len(proxy.select(tw.dataset(16), config).indices) == 4
     with pytest.raises(ValueError, match="not a local model directory nor in the local Hugging Face cache"):
         ProxyModel(str(tmp_path / "missing"), config, target=_target(), tokenizer=TOK)
+
+
+def test_a_path_loads_outside_deepspeed_zero3_partitioning(tmp_path):
+    """While a ZeRO-3 config is alive, transformers partitions every from_pretrained (and, without deepspeed
+    installed, fails); the proxy is loaded outside it and the trainer's config is left in place."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    class ZeroThreeConfig:  # what transformers reads of an HfDeepSpeedConfig (deepspeed is not installed here)
+        def __init__(self):
+            self.config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self):
+            return True
+
+    _proxy_base().save_pretrained(tmp_path / "proxy")
+    alive = ZeroThreeConfig()
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = weakref.ref(alive)
+    try:
+        assert hf_ds.is_deepspeed_zero3_enabled()
+        proxy = ProxyModel(str(tmp_path / "proxy"), _config(), target=_target(), tokenizer=TOK)
+        assert hf_ds.is_deepspeed_zero3_enabled()  # restored for the trainer
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+    assert all(p.numel() > 0 for p in proxy.model.parameters())
+
+
+def test_a_built_proxy_can_be_passed_in_the_config(tmp_path):
+    target = _target()
+    proxy = ProxyModel(_proxy_base(), _config(), target=target, tokenizer=TOK)
+    config = _config(budget=8, proxy_model=proxy)
+    assert config.to_dict()["proxy_model"] == "<ProxyModel>"
+    callback = SpiceDataCallback(config)
+    Trainer(
+        model=target,
+        args=tw.args(tmp_path / "run"),
+        train_dataset=tw.dataset(),
+        data_collator=tw.RecordingCollator(),
+        processing_class=TOK,
+        callbacks=[callback],
+    )
+    assert callback._select_fn.proxy is proxy
 
 
 def test_a_proxy_built_on_another_vocabulary_is_refused(tmp_path):
