@@ -310,8 +310,8 @@ class ProxyModel:
             if id(p) not in lora_ids:
                 p.requires_grad_(False)
         self._params = [m.weight for _, m in lora]
-        for p in self._params:  # e.g. a PEFT proxy loaded with is_trainable=False
-            p.requires_grad_(True)
+        for weight in self._params:  # e.g. a PEFT proxy loaded with is_trainable=False
+            weight.requires_grad_(True)
         # Weight decay 0, like Trainer's default: a refresh moves the adapter only where the loss pulls it.
         self.optimizer = torch.optim.AdamW(self._params, lr=config.proxy_learning_rate, weight_decay=0.0)
         self.refresh_steps = 0
