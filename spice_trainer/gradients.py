@@ -223,26 +223,28 @@ def compute_gradient_features(
     losses = torch.full((n,), float("nan"), dtype=torch.float32)
     num_tokens = torch.zeros(n, dtype=torch.int64)
     collate = data_collator or _PadCollator(_pad_id(model))
-    device = next(model.parameters()).device
+    device = _input_device(model)
     batches = [rows[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
     bar = _progress(len(batches), show_progress and len(batches) > 1)
     if adam_denoms is not None:
         for w in weights:
             w.adam_denom = adam_denoms[id(w.module.weight)].to(w.module.weight.device).reshape(1, -1)
     state = _Pass()
-    with _measuring(model, weights, state):
-        for b, batch_rows in enumerate(batches):
-            batch = collate([_prepare_row(dataset[i], config.max_length) for i in batch_rows])
-            _check_batch_rows(batch, len(batch_rows))
-            lo = b * config.batch_size
-            out = _batch_features(model, weights, state, batch, device, batch_rows)
-            features[lo : lo + len(batch_rows)] = out[0]
-            losses[lo : lo + len(batch_rows)] = out[1]
-            num_tokens[lo : lo + len(batch_rows)] = out[2]
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    try:
+        with _measuring(model, weights, state):
+            for b, batch_rows in enumerate(batches):
+                batch = collate([_prepare_row(dataset[i], config.max_length) for i in batch_rows])
+                _check_batch_rows(batch, len(batch_rows))
+                lo = b * config.batch_size
+                out = _batch_features(model, weights, state, batch, device, batch_rows)
+                features[lo : lo + len(batch_rows)] = out[0]
+                losses[lo : lo + len(batch_rows)] = out[1]
+                num_tokens[lo : lo + len(batch_rows)] = out[2]
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     if config.feature_norm == "unit":
         norms = features.norm(dim=1, keepdim=True)
         features = torch.where(norms > 0, features / norms.clamp_min(1e-30), features)
@@ -551,6 +553,16 @@ def _pad_id(model: nn.Module) -> int:
     if isinstance(pad, list):
         pad = pad[0] if pad else None
     return int(pad) if pad is not None else 0
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the input embedding's device (the first stage of a split model)."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        weight = getattr(get_embeddings(), "weight", None) if callable(get_embeddings) else None
+    except (NotImplementedError, AttributeError):  # models without the transformers API
+        weight = None
+    return weight.device if isinstance(weight, torch.Tensor) else next(model.parameters()).device
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
