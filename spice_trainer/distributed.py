@@ -461,13 +461,12 @@ def distributed_greedy(
             "bytes_per_pick": distributed_bytes_per_pick(d, world),
         },
     }
-    return Selection(
+    return Selection.from_picks(
         indices=list(run.indices),
         gains=gains_list,
         base_gains=base_gains,
-        interactions=[g - b for g, b in zip(gains_list, base_gains, strict=True)],
         conflicts=conflicts_list,
-        scores=[g - lam * c for g, c in zip(gains_list, conflicts_list, strict=True)],
+        conflict_weight=lam,
         objective=objective_curve,
         stop_reason=reason,
         n_candidates=n,

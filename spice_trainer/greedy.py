@@ -176,13 +176,12 @@ def select_from_features(
     metadata["reference_gain"] = run.reference
     metadata["initial_objective"] = run.initial_logdet
     metadata["seconds"] = time.perf_counter() - start
-    selection = Selection(
+    selection = Selection.from_picks(
         indices=list(indices),
         gains=gains,
         base_gains=base,
-        interactions=[g - b for g, b in zip(gains, base, strict=True)],
         conflicts=conflicts,
-        scores=[g - lam * c for g, c in zip(gains, conflicts, strict=True)],
+        conflict_weight=lam,
         objective=cumulative,
         stop_reason=reason,
         n_candidates=n,

@@ -560,13 +560,12 @@ class ProxyModel:
         for gain in gains:
             running += gain
             cumulative.append(running)
-        selection = Selection(
+        selection = Selection.from_picks(
             indices=picks,
             gains=gains,
             base_gains=base,
-            interactions=[g - b for g, b in zip(gains, base, strict=True)],
             conflicts=conflicts,
-            scores=[g - lam * c for g, c in zip(gains, conflicts, strict=True)],
+            conflict_weight=lam,
             objective=cumulative,
             stop_reason=reason,
             n_candidates=n,

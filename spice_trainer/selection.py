@@ -64,6 +64,28 @@ class Selection:
         if self.stop_reason not in ("budget", "early_stop", "exhausted"):
             raise ValueError(f"stop_reason must be 'budget', 'early_stop' or 'exhausted', got {self.stop_reason!r}")
 
+    @classmethod
+    def from_picks(
+        cls,
+        *,
+        indices: list[int],
+        gains: list[float],
+        base_gains: list[float],
+        conflicts: list[float],
+        conflict_weight: float,
+        **fields: Any,
+    ) -> Selection:
+        """A record from the per-pick ``Δ``, ``b`` and ``c``; derives ``ε = Δ − b`` and ``score = Δ − λc``."""
+        return cls(
+            indices=list(indices),
+            gains=gains,
+            base_gains=base_gains,
+            interactions=[g - b for g, b in zip(gains, base_gains, strict=True)],
+            conflicts=conflicts,
+            scores=[g - conflict_weight * c for g, c in zip(gains, conflicts, strict=True)],
+            **fields,
+        )
+
     def __len__(self) -> int:
         """Number of rows picked in this round (``initial`` not counted)."""
         return len(self.indices)
