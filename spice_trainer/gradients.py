@@ -224,7 +224,10 @@ def compute_gradient_features(
     num_tokens = torch.zeros(n, dtype=torch.int64)
     collate = data_collator or _PadCollator(_pad_id(model))
     device = _input_device(model)
-    batches = [rows[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
+    # Batches of similar lengths waste little on padding. A row's features do not depend on which rows share
+    # its batch, so the order is free: longest first (a batch that does not fit in memory fails at once).
+    order = _by_length(dataset, rows, config.max_length)
+    batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
     bar = _progress(len(batches), show_progress and len(batches) > 1)
     if adam_denoms is not None:
         for w in weights:
@@ -232,14 +235,14 @@ def compute_gradient_features(
     state = _Pass()
     try:
         with _measuring(model, weights, state):
-            for b, batch_rows in enumerate(batches):
+            for positions in batches:
+                batch_rows = [rows[j] for j in positions]
                 batch = collate([_prepare_row(dataset[i], config.max_length) for i in batch_rows])
                 _check_batch_rows(batch, len(batch_rows))
-                lo = b * config.batch_size
                 out = _batch_features(model, weights, state, batch, device, batch_rows)
-                features[lo : lo + len(batch_rows)] = out[0]
-                losses[lo : lo + len(batch_rows)] = out[1]
-                num_tokens[lo : lo + len(batch_rows)] = out[2]
+                features[positions] = out[0]
+                losses[positions] = out[1]
+                num_tokens[positions] = out[2]
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -496,6 +499,16 @@ def _prepare_row(row: Any, max_length: int | None) -> dict[str, Any]:
             value = value[:max_length]
         out[key] = value
     return out
+
+
+def _by_length(dataset: Any, rows: Sequence[int], max_length: int | None) -> list[int]:
+    """Positions ``0..len(rows)-1`` ordered by their row's token count, longest first (stable)."""
+    lengths = []
+    for i in rows:
+        row = dataset[i]
+        length = _sequence_length(row.get("input_ids")) if isinstance(row, Mapping) else 0
+        lengths.append(length if max_length is None else min(length, max_length))
+    return sorted(range(len(rows)), key=lambda j: -lengths[j])
 
 
 def _is_numeric(value: Any) -> bool:

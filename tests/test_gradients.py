@@ -389,3 +389,17 @@ def test_hf_datasets_rows_with_text_messages_ids_and_truncation(llama_case):
     torch.testing.assert_close(gradient_features(model, as_torch, config), expected, rtol=1e-4, atol=1e-5)
     as_numpy = ds.with_format("numpy", columns=["input_ids", "labels"])
     torch.testing.assert_close(gradient_features(model, as_numpy, config), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_batches_group_rows_of_similar_length_and_keep_the_output_order(llama_case):
+    model, rows, config, ref = llama_case
+    widths = []
+
+    def recording(batch_rows):
+        widths.append(sorted(len(r["input_ids"]) for r in batch_rows))
+        return LeftPadCollator()(batch_rows)
+
+    got = gradient_features(model, rows, config.with_changes(batch_size=3), recording)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)  # rows come back in the dataset's order
+    lengths = sorted((len(r["input_ids"]) for r in rows), reverse=True)
+    assert [w[::-1] for w in widths] == [lengths[i : i + 3] for i in range(0, len(rows), 3)]  # longest first
