@@ -34,6 +34,7 @@ Only torch is imported: LoRA layers are recognised structurally (PEFT's ``lora_A
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -304,12 +305,21 @@ def _batch_features(
     proj_dim = weights[0].projector.proj_dim
 
     state.batch_size = bsz
+    # targets[:, t] is what the logits at position t predict: the labels shifted left by one, -100 appended.
+    targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().flatten()
+    if 0 < keep.numel() < targets.shape[1] and _accepts_logits_to_keep(model):
+        # Only positions with a target in some row go through the LM head (prompt and padding positions carry
+        # no loss): exact, and it saves the head's share of the compute on completion-only data.
+        kwargs["logits_to_keep"] = keep
     state.acc = torch.zeros(bsz, proj_dim, dtype=torch.float32, device=device)
     try:
         with torch.enable_grad():
             logits = model(**kwargs).logits
-            _check_labels(labels, logits.shape[-1], rows)
-            per_example, counts = _per_example_loss(logits, labels)
+            _check_labels(targets, logits.shape[-1], rows)
+            if "logits_to_keep" in kwargs:
+                targets = targets[:, keep]
+            per_example, counts = _per_example_loss(logits, targets)
             del logits
             valid = torch.isfinite(per_example) & (counts > 0)
             losses_cpu, counts_cpu = per_example.detach().float().cpu(), counts.cpu()
@@ -360,25 +370,25 @@ def _project_call(w: _LoraWeight, x: torch.Tensor, delta: torch.Tensor, state: _
     acc += w.projector.project(grad).to(acc.device)  # a no-op unless the model is split across devices
 
 
-def _per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's mean next-token cross-entropy over its supervised tokens (labels ≠ -100).
+def _per_example_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean next-token cross-entropy over its supervised tokens (targets ≠ -100).
 
-    Matches transformers' ``ForCausalLMLoss`` on a batch of one: logits upcast to float32, the labels (not
-    the logits, which would copy the ``(n, T, V)`` tensor) shifted left by one with -100 appended.
+    Matches transformers' ``ForCausalLMLoss`` on a batch of one: logits upcast to float32; the caller shifts
+    the labels (not the logits, which would copy the ``(n, T, V)`` tensor).
 
     Args:
-        logits: ``(n, T, V)``.
-        labels: ``(n, T)``, -100 where there is no loss.
+        logits: ``(n, K, V)``.
+        targets: ``(n, K)``, the token each position predicts, -100 where there is no loss.
 
     Returns:
         ``(losses (n,), counts (n,))``; a row without a supervised token has loss NaN and count 0.
     """
     logits = logits.float()
-    shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+    targets = targets.to(logits.device)
     token_loss = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).reshape(shift_labels.shape)
-    counts = (shift_labels != -100).sum(dim=1)
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).reshape(targets.shape)
+    counts = (targets != -100).sum(dim=1)
     summed = token_loss.sum(dim=1)  # ignored targets contribute exactly 0
     losses = torch.where(counts > 0, summed / counts.clamp_min(1), torch.full_like(summed, float("nan")))
     return losses, counts
@@ -399,13 +409,12 @@ def _check_batch_rows(batch: Any, expected: int) -> None:
         )
 
 
-def _check_labels(labels: torch.Tensor, vocab_size: int, rows: Sequence[int]) -> None:
-    """Every target label (labels shifted left by one) is -100 or a token id in ``[0, vocab_size)``.
+def _check_labels(targets: torch.Tensor, vocab_size: int, rows: Sequence[int]) -> None:
+    """Every target (the labels shifted left by one) is -100 or a token id in ``[0, vocab_size)``.
 
     An out-of-range target makes cross-entropy fail (CPU) or assert on the device (CUDA), and a negative
     one other than -100 (e.g. -1 used as "ignore") would otherwise be read as token 0: name the rows.
     """
-    targets = labels[:, 1:]
     bad = (targets != -100) & ((targets < 0) | (targets >= vocab_size))
     if bool(bad.any()):
         where = bad.any(dim=1).nonzero().flatten().tolist()
@@ -566,6 +575,18 @@ def _pad_id(model: nn.Module) -> int:
     if isinstance(pad, list):
         pad = pad[0] if pad else None
     return int(pad) if pad is not None else 0
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM (inside PEFT's wrappers) takes ``logits_to_keep`` (transformers >= 4.50)."""
+    inner: Any = model
+    get_base = getattr(inner, "get_base_model", None)
+    if callable(get_base):
+        inner = get_base()
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _input_device(model: nn.Module) -> torch.device:

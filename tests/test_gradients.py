@@ -403,3 +403,15 @@ def test_batches_group_rows_of_similar_length_and_keep_the_output_order(llama_ca
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)  # rows come back in the dataset's order
     lengths = sorted((len(r["input_ids"]) for r in rows), reverse=True)
     assert [w[::-1] for w in widths] == [lengths[i : i + 3] for i in range(0, len(rows), 3)]  # longest first
+
+
+def test_only_positions_with_a_target_go_through_the_lm_head(llama_case):
+    model, rows, config, ref = llama_case
+    model = copy.deepcopy(model)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[1]))
+    # Every row's first target (position 1) is a masked prompt token, so position 0 never needs logits, and
+    # the last position predicts nothing: the longest row's length minus 2 positions remain.
+    got = gradient_features(model, rows, config.with_changes(batch_size=len(rows)))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert seen == [max(len(r["input_ids"]) for r in rows) - 2]
