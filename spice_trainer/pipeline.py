@@ -128,15 +128,7 @@ def select(
         show_progress=show_progress,
     )
     selection.metadata.update(
-        {
-            "feature_seconds": feature_seconds,
-            "seconds": time.perf_counter() - start,
-            "non_finite_loss_rows": non_finite,
-            "no_supervised_token_rows": no_tokens,
-            "loss_guard_excluded": int((~eligible).sum()) - non_finite - no_tokens,
-            "mean_loss_selected": _mean_at(grads.losses, selection.indices),
-            "mean_loss_pool": float(grads.losses[torch.isfinite(grads.losses)].mean()) if eligible.any() else None,
-        }
+        _round_metadata(selection, grads.losses, eligible, non_finite, no_tokens, feature_seconds, start)
     )
     return selection
 
@@ -265,14 +257,10 @@ def _select_sharded(
             show_progress=show_progress,
         )
     selection.metadata.update(
+        _round_metadata(selection, losses, eligible, non_finite, no_tokens, feature_seconds, start)
+    )
+    selection.metadata.update(
         {
-            "feature_seconds": feature_seconds,
-            "seconds": time.perf_counter() - start,
-            "non_finite_loss_rows": non_finite,
-            "no_supervised_token_rows": no_tokens,
-            "loss_guard_excluded": int((~eligible).sum()) - non_finite - no_tokens,
-            "mean_loss_selected": _mean_at(losses, selection.indices),
-            "mean_loss_pool": float(losses[torch.isfinite(losses)].mean()) if eligible.any() else None,
             "distributed": {
                 "world_size": world,
                 "strategy": strategy,
@@ -330,6 +318,27 @@ def _chunk_progress(total: int, show: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="spice gradients", unit="chunk")
+
+
+def _round_metadata(
+    selection: Selection,
+    losses: torch.Tensor,
+    eligible: torch.Tensor,
+    non_finite: int,
+    no_tokens: int,
+    feature_seconds: float,
+    start: float,
+) -> dict[str, Any]:
+    """Timings and what the guards excluded, recorded on every round's `Selection` (both paths)."""
+    return {
+        "feature_seconds": feature_seconds,
+        "seconds": time.perf_counter() - start,
+        "non_finite_loss_rows": non_finite,
+        "no_supervised_token_rows": no_tokens,
+        "loss_guard_excluded": int((~eligible).sum()) - non_finite - no_tokens,
+        "mean_loss_selected": _mean_at(losses, selection.indices),
+        "mean_loss_pool": float(losses[torch.isfinite(losses)].mean()) if eligible.any() else None,
+    }
 
 
 def _mean_at(values: torch.Tensor, indices: Sequence[int]) -> float | None:
