@@ -44,10 +44,10 @@ def _init() -> None:
 def worker_gradients(args: argparse.Namespace) -> None:
     import torch
 
-    from spice_trainer import distributed as sd
     from spice_trainer.config import SpiceConfig
-    from spice_trainer.gradients import compute_gradient_features
-    from spice_trainer.toy import add_lora, build_model, build_tokenizer
+    from spice_trainer.demo.toy import add_lora, build_model, build_tokenizer
+    from spice_trainer.distributed import comm as sd
+    from spice_trainer.features.gradients import compute_gradient_features
 
     _init()
     words = [f"w{i}" for i in range(500)]
@@ -93,9 +93,10 @@ def worker_gradients(args: argparse.Namespace) -> None:
 def worker_greedy(args: argparse.Namespace) -> None:
     import torch
 
-    from spice_trainer import distributed as sd
     from spice_trainer.config import SpiceConfig
-    from spice_trainer.greedy import select_from_features
+    from spice_trainer.core.greedy import select_from_features
+    from spice_trainer.distributed import comm as sd
+    from spice_trainer.distributed.greedy import distributed_bytes_per_pick, distributed_greedy
 
     _init()
     n, d, k = args.n, args.proj_dim, args.k
@@ -114,7 +115,7 @@ def worker_greedy(args: argparse.Namespace) -> None:
     del gathered
     sd.barrier()
     start = time.perf_counter()
-    sel_dist = sd.distributed_greedy(local, rows, n, config)
+    sel_dist = distributed_greedy(local, rows, n, config)
     dist_s = time.perf_counter() - start
     if sd.is_main_process():
         print(
@@ -130,7 +131,7 @@ def worker_greedy(args: argparse.Namespace) -> None:
                     "gather_comm_s": gather_comm,
                     "distributed_s": dist_s,
                     "gather_bytes": sd.gather_bytes(n, d),
-                    "distributed_bytes_per_pick": sd.distributed_bytes_per_pick(d, sd.world_size()),
+                    "distributed_bytes_per_pick": distributed_bytes_per_pick(d, sd.world_size()),
                     "method": sel_dist.metadata["method"],
                 }
             )

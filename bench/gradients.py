@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python bench/gradients.py`` (a Llama-style model of ~26M parameters, a few minutes on 2 cores)
 or ``--quick`` (a small model, well under a minute).
 
-The model is a randomly initialised Llama (``spice_trainer.toy``) with a LoRA adapter (r = 8) on every linear
+The model is a randomly initialised Llama (``spice_trainer.demo.toy``) with a LoRA adapter (r = 8) on every linear
 layer; rows are random token sequences with ``labels = input_ids``. Three methods, each in a fresh process so
 that its peak memory is its own (peak RSS at the end minus the RSS after the model is built):
 
@@ -38,9 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.gradients import _stable_key, compute_gradient_features, find_lora_weights
-from spice_trainer.projection import BLOCK_ROWS, BlockProjector
-from spice_trainer.toy import add_lora, build_model, build_tokenizer
+from spice_trainer.core.projection import BLOCK_ROWS, BlockProjector
+from spice_trainer.demo.toy import add_lora, build_model, build_tokenizer
+from spice_trainer.features.gradients import _stable_key, compute_gradient_features, find_lora_weights
 
 SIZES: dict[str, dict[str, int]] = {
     # ~26M parameters: 8.2M in the embedding and the LM head, 2.9M per decoder layer.

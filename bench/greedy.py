@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.greedy import select_from_features
+from spice_trainer.core.greedy import select_from_features
 
 
 def make_features(n: int, d: int, seed: int, *, unit: bool, clusters: int = 64) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Proxy benchmark: selecting with a ~4x smaller model of the same family vs the live model, on one pool.
 
-World: `spice_trainer.world` — a target Llama (``--target-hidden``, default 128) and a proxy Llama
+World: `spice_trainer.demo.world` — a target Llama (``--target-hidden``, default 128) and a proxy Llama
 (``--proxy-hidden``, default 64; same depth, so about 4x fewer weights) each pretrained on the same easy
 corpus with the same tokenizer, and one candidate pool (``--scenario``, default ``curated``) whose rows carry
 a hidden kind. Both get a fresh LoRA (r = 8; the proxy's is shaped like the target's by `ProxyModel`).
@@ -38,13 +38,14 @@ from typing import Any
 
 import torch
 
-from spice_trainer import world
 from spice_trainer.config import SpiceConfig
-from spice_trainer.gradients import compute_gradient_features
+from spice_trainer.core.selection import Selection
+from spice_trainer.demo import world
+from spice_trainer.demo.toy import add_lora, build_model
+from spice_trainer.features.gradients import compute_gradient_features
 from spice_trainer.pipeline import select
-from spice_trainer.proxy import ProxyModel, proxy_agreement, spearman
-from spice_trainer.selection import Selection
-from spice_trainer.toy import add_lora, build_model
+from spice_trainer.proxy.agreement import proxy_agreement, spearman
+from spice_trainer.proxy.model import ProxyModel
 
 TRAIN: dict[str, Any] = {"learning_rate": 5e-3, "batch_size": 16}
 

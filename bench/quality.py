@@ -1,6 +1,6 @@
 """Quality benchmark: does a SPICE-chosen 10 % train as well as the full pool, and better than random 10 %?
 
-World: `spice_trainer.world` — a tiny Llama pretrained on easy instruction rows (and a few hard ones), a
+World: `spice_trainer.demo.world` — a tiny Llama pretrained on easy instruction rows (and a few hard ones), a
 candidate pool with hidden row kinds (clean / redundant / mislabeled / conflicting / junk) in two
 scenarios (``curated``: 8 % noise, ``noisy``: 50 %), and a clean held-out test set per task.
 
@@ -43,10 +43,10 @@ from typing import Any
 
 import torch
 
-from spice_trainer import world
 from spice_trainer.config import SpiceConfig
+from spice_trainer.demo import world
+from spice_trainer.demo.toy import add_lora
 from spice_trainer.pipeline import select
-from spice_trainer.toy import add_lora
 
 BASE_METHODS = ("full", "random", "fisher", "paper", "ours")
 # Shared with the demo: the base model has seen a few hard rows (see spice_trainer.cli.WORLD_OPTIONS).

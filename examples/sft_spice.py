@@ -1,7 +1,7 @@
 """A usual TRL SFT + LoRA script, plus one line: ``callbacks=[SpiceDataCallback(SpiceConfig(budget=0.1))]``.
 
 Offline by default: a tiny randomly initialised Llama and a generated prompt-completion pool
-(`spice_trainer.toy`, `spice_trainer.world`), about a minute on a laptop CPU:
+(`spice_trainer.demo.toy`, `spice_trainer.demo.world`), about a minute on a laptop CPU:
 
     python examples/sft_spice.py
 
@@ -77,8 +77,8 @@ def load_local_model(path: str) -> tuple[Any, Any, bool]:
 
 def toy_model_and_data(rows: int, seed: int) -> tuple[Any, Any, Dataset]:
     """A tiny Llama, its word-level tokenizer and a generated prompt-completion pool (all in-process)."""
-    from spice_trainer.toy import build_model, build_tokenizer
-    from spice_trainer.world import candidate_pool, vocabulary
+    from spice_trainer.demo.toy import build_model, build_tokenizer
+    from spice_trainer.demo.world import candidate_pool, vocabulary
 
     tokenizer = build_tokenizer(vocabulary())
     model = build_model(tokenizer, hidden_size=64, num_layers=2, max_positions=64, seed=seed)

@@ -1,6 +1,6 @@
 """spice-trainer: SPICE data selection for instruction tuning on Hugging Face infrastructure.
 
-The core (`config`, `projection`, `gradients`, `objective`, `greedy`, `selection`) needs only torch.
+The core (`config`, `core/`, `features/`) needs only torch (and numpy).
 `SpiceDataCallback` and `SpiceSampler` live in `spice_trainer.integrations` and import transformers
 on first use, so ``import spice_trainer`` stays light.
 """
@@ -15,15 +15,17 @@ __version__ = "0.1.0"
 
 # Public names resolved on first access: name -> module that defines it.
 _LAZY = {
-    "Selection": "spice_trainer.selection",
-    "select_from_features": "spice_trainer.greedy",
-    "gradient_features": "spice_trainer.gradients",
+    "ProxyModel": "spice_trainer.proxy.model",
+    "Selection": "spice_trainer.core.selection",
+    "select_from_features": "spice_trainer.core.greedy",
+    "gradient_features": "spice_trainer.features.gradients",
     "select": "spice_trainer.pipeline",
     "SpiceDataCallback": "spice_trainer.integrations.trainer",
     "SpiceSampler": "spice_trainer.integrations.trainer",
 }
 
 __all__ = [
+    "ProxyModel",
     "Selection",
     "SpiceConfig",
     "SpiceDataCallback",
@@ -35,11 +37,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from spice_trainer.gradients import gradient_features
-    from spice_trainer.greedy import select_from_features
+    from spice_trainer.core.greedy import select_from_features
+    from spice_trainer.core.selection import Selection
+    from spice_trainer.features.gradients import gradient_features
     from spice_trainer.integrations.trainer import SpiceDataCallback, SpiceSampler
     from spice_trainer.pipeline import select
-    from spice_trainer.selection import Selection
+    from spice_trainer.proxy.model import ProxyModel
 
 
 def __getattr__(name: str) -> Any:

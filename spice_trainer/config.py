@@ -7,6 +7,7 @@ Symbols follow Chang et al., "SPICE: Submodular Penalized Information-Conflict S
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
@@ -185,11 +186,7 @@ class SpiceConfig:
             )
         _check_schedule(self.reselect_every_steps)
         _check_choice("mode", self.mode, ("grow", "replace"))
-        proxy = self.proxy_model
-        if proxy is not None and not isinstance(proxy, str) and not hasattr(proxy, "parameters"):
-            raise TypeError(
-                f"proxy_model must be a model object, a local path (str) or None, got {type(proxy).__name__}"
-            )
+        _check_proxy_model(self.proxy_model)
         _check_positive_int("proxy_refresh_every_pools", self.proxy_refresh_every_pools)
         _check_positive_float("proxy_learning_rate", self.proxy_learning_rate)
         if self.proxy_device is not None and not isinstance(self.proxy_device, str):
@@ -289,6 +286,20 @@ def _check_positive_float(name: str, value: Any) -> None:
     _check_finite_float(name, value, minimum=0.0)
     if value == 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _check_proxy_model(proxy: Any) -> None:
+    if proxy is None or isinstance(proxy, str | os.PathLike):
+        return
+    from torch import nn
+
+    # A torch module, or a built `spice_trainer.proxy.model.ProxyModel` (which holds one in ``.model``).
+    if isinstance(proxy, nn.Module) or isinstance(getattr(proxy, "model", None), nn.Module):
+        return
+    raise TypeError(
+        f"proxy_model must be a model object, a local path or hub id (str), a ProxyModel or None, "
+        f"got {type(proxy).__name__}"
+    )
 
 
 def _check_schedule(schedule: Any) -> None:

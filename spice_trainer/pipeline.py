@@ -3,7 +3,7 @@
 In a single process without a feature store this is the plain path: one gradient pass over the whole
 dataset, then `select_from_features`. Under ``torch.distributed`` with more than one process (torchrun,
 accelerate, DeepSpeed, FSDP), and whenever ``config.feature_store`` is set, the sharded path runs
-instead (`spice_trainer.distributed`): each rank computes its own rows (read back from the store where
+instead (`spice_trainer.distributed.comm`): each rank computes its own rows (read back from the store where
 a chunk is already complete), losses are gathered so that every rank applies the same guards, and the
 greedy runs either on the gathered features or distributed over the shards. Every rank returns the same
 `Selection`.
@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
-from spice_trainer import distributed as sd
 from spice_trainer.config import SpiceConfig
-from spice_trainer.feature_store import FeatureStore, default_chunk_rows, store_fingerprint
-from spice_trainer.gradients import GradientFeatures, compute_gradient_features
-from spice_trainer.greedy import select_from_features
-from spice_trainer.selection import Selection
+from spice_trainer.core.greedy import select_from_features
+from spice_trainer.core.selection import Selection
+from spice_trainer.distributed import comm as sd
+from spice_trainer.distributed.greedy import distributed_greedy
+from spice_trainer.features.gradients import GradientFeatures, compute_gradient_features
+from spice_trainer.features.store import FeatureStore, default_chunk_rows, store_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def _select_sharded(
        `eligible_rows` mask (the loss-quantile guard needs the whole pool).
     4. Greedy: ``"gather"`` (all-gather the ``(n, d)`` features, then `select_from_features`: any greedy
        regime) while ``n · d · 4`` bytes fit under `spice_trainer.distributed.gather_limit_bytes`, else the
-       distributed exact greedy (`spice_trainer.distributed.distributed_greedy`). Stochastic and pooled
+       distributed exact greedy (`spice_trainer.distributed.greedy.distributed_greedy`). Stochastic and pooled
        greedy always gather (they are defined over the whole pool's order and sample stream).
     """
     start = time.perf_counter()
@@ -246,7 +247,7 @@ def _select_sharded(
             show_progress=show_progress and main,
         )
     else:
-        selection = sd.distributed_greedy(
+        selection = distributed_greedy(
             local_feats,
             rows,
             n,

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from spice_trainer import cli, world
+from spice_trainer.cli import main as cli
 from spice_trainer.config import SpiceConfig
+from spice_trainer.core.selection import Selection
+from spice_trainer.demo import world
+from spice_trainer.demo.experiment import DEMO_QUICK
+from spice_trainer.demo.toy import build_model, build_tokenizer
 from spice_trainer.pipeline import select
-from spice_trainer.selection import Selection
-from spice_trainer.toy import build_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +148,7 @@ def test_select_errors_name_the_problem(saved_model: Path, tmp_path: Path, capsy
 
 
 def _selection(n_picks: int, seed: int) -> Selection:
-    from spice_trainer.greedy import select_from_features
+    from spice_trainer.core.greedy import select_from_features
 
     gen = torch.Generator().manual_seed(seed)
     feats = torch.randn(30, 8, generator=gen)
@@ -187,8 +189,8 @@ def test_demo_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         assert method in printed
     results = json.loads((out / "results.json").read_text())
     by_method = {r["method"]: r for r in results}
-    assert by_method["full"]["rows"] == cli.DEMO_QUICK.pool_size
-    budget = SpiceConfig(budget=0.1).budget_count(cli.DEMO_QUICK.pool_size)
+    assert by_method["full"]["rows"] == DEMO_QUICK.pool_size
+    budget = SpiceConfig(budget=0.1).budget_count(DEMO_QUICK.pool_size)
     assert by_method["random"]["rows"] == budget
     assert 1 <= by_method["spice"]["rows"] <= budget
     # The callback ran inside SFTTrainer and wrote its round; the demo reports the rows it trained on.

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import torch
 
-from spice_trainer import distributed as sd
 from spice_trainer.config import SpiceConfig
-from spice_trainer.greedy import select_from_features
+from spice_trainer.core.greedy import select_from_features
+from spice_trainer.distributed import comm as sd
+from spice_trainer.distributed.greedy import distributed_bytes_per_pick, distributed_greedy
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "dist_scripts"
@@ -149,7 +150,7 @@ def test_choose_strategy_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bytes_per_pick_formulas() -> None:
     # 2 ranks: a 6-column float64 table row from each rank + one float64 vector of d entries.
-    assert sd.distributed_bytes_per_pick(256, 2) == 2 * 6 * 8 + 256 * 8
+    assert distributed_bytes_per_pick(256, 2) == 2 * 6 * 8 + 256 * 8
     assert sd.gather_bytes(1000, 256) == 1000 * 256 * 4
 
 
@@ -159,7 +160,7 @@ def test_distributed_greedy_in_one_process_equals_single_process() -> None:
         feats = case["features"]
         n = feats.shape[0]
         kwargs = {"initial": case.get("initial"), "reference_gain": case.get("reference_gain")}
-        got = sd.distributed_greedy(feats, range(n), n, case["config"], local_eligible=case.get("eligible"), **kwargs)
+        got = distributed_greedy(feats, range(n), n, case["config"], local_eligible=case.get("eligible"), **kwargs)
         ref = select_from_features(feats, case["config"], eligible=case.get("eligible"), **kwargs)
         _assert_same_selection(got.to_dict(), ref.to_dict())
         assert got.metadata["method"] == ref.metadata["method"], name
@@ -169,13 +170,13 @@ def test_distributed_greedy_input_errors() -> None:
     feats = torch.randn(6, 3)
     cfg = SpiceConfig(budget=2)
     with pytest.raises(ValueError, match="one index per row"):
-        sd.distributed_greedy(feats, range(5), 6, cfg)
+        distributed_greedy(feats, range(5), 6, cfg)
     with pytest.raises(ValueError, match="strictly increasing"):
-        sd.distributed_greedy(feats, [0, 2, 1, 3, 4, 5], 6, cfg)
+        distributed_greedy(feats, [0, 2, 1, 3, 4, 5], 6, cfg)
     with pytest.raises(ValueError, match="partition"):
-        sd.distributed_greedy(feats, range(6), 7, cfg)
+        distributed_greedy(feats, range(6), 7, cfg)
     with pytest.raises(ValueError, match="budget=9 exceeds"):
-        sd.distributed_greedy(feats, range(6), 6, SpiceConfig(budget=9))
+        distributed_greedy(feats, range(6), 6, SpiceConfig(budget=9))
 
 
 def test_stop_case_is_decided_by_the_last_ranks_rows() -> None:

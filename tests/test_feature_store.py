@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.feature_store import FeatureStore, default_chunk_rows, store_fingerprint
+from spice_trainer.features.store import FeatureStore, default_chunk_rows, store_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "dist_scripts"
@@ -102,7 +102,7 @@ def test_default_chunk_rows() -> None:
 
 
 def _tiny(seed: int = 0, lora_seed: int = 0):
-    from spice_trainer.toy import add_lora, build_model, build_tokenizer
+    from spice_trainer.demo.toy import add_lora, build_model, build_tokenizer
 
     tok = build_tokenizer(["a", "b", "c", "d"])
     model = add_lora(build_model(tok, hidden_size=16, num_layers=1, num_heads=2, seed=seed), r=2, seed=lora_seed)

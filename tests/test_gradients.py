@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.gradients import compute_gradient_features, find_lora_weights, gradient_features
-from spice_trainer.projection import BlockProjector
-from spice_trainer.toy import add_lora, build_model, build_tokenizer
+from spice_trainer.core.projection import BlockProjector
+from spice_trainer.demo.toy import add_lora, build_model, build_tokenizer
+from spice_trainer.features.gradients import compute_gradient_features, find_lora_weights, gradient_features
 
 TOK = build_tokenizer([f"w{i}" for i in range(60)])
 
@@ -291,7 +291,7 @@ def test_lora_on_the_embedding_is_left_out_with_a_warning(caplog):
         if "lora_B" in name:  # non-zero B, so lora_A has a gradient too
             torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(0))
     rows, config = _rows(4), SpiceConfig(proj_dim=16, feature_norm="none")
-    with caplog.at_level("WARNING", logger="spice_trainer.gradients"):
+    with caplog.at_level("WARNING", logger="spice_trainer.features.gradients"):
         got = gradient_features(model, rows, config)
     assert "left out of the gradient features" in caplog.text and "embed_tokens" in caplog.text
     names = [n for n, _ in find_lora_weights(model)[1]]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.greedy import select_from_features
-from spice_trainer.objective import CONFLICT_ETA
+from spice_trainer.core.greedy import select_from_features
+from spice_trainer.core.objective import CONFLICT_ETA
 
 
 def _features(n: int, d: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -406,7 +406,7 @@ def test_import_does_not_need_transformers() -> None:
 
     code = (
         "import sys; sys.modules['transformers'] = None; sys.modules['peft'] = None\n"
-        "import spice_trainer.greedy, spice_trainer.selection, spice_trainer.objective\n"
+        "import spice_trainer.core.greedy, spice_trainer.core.selection, spice_trainer.core.objective\n"
         "assert 'matplotlib' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from spice_trainer.objective import CONFLICT_ETA, ConflictTracker, FisherLogDet, SpiceObjective
+from spice_trainer.core.objective import CONFLICT_ETA, ConflictTracker, FisherLogDet, SpiceObjective
 
 
 def _features(n: int, d: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

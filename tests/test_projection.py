@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spice_trainer.projection import BLOCK_ROWS, BlockProjector
+from spice_trainer.core.projection import BLOCK_ROWS, BlockProjector
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sparse"])

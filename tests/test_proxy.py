@@ -4,7 +4,6 @@ agreement report, and rounds through SpiceDataCallback on a real Trainer."""
 import copy
 import json
 import logging
-import sys
 import weakref
 
 import pytest
@@ -13,9 +12,12 @@ import trainer_world as tw
 from transformers import Trainer, TrainerCallback
 
 from spice_trainer import SpiceConfig, SpiceDataCallback, select, select_from_features
-from spice_trainer.gradients import compute_gradient_features
-from spice_trainer.proxy import PROXY_STATE_FILE, ProxyModel, proxy_agreement, spearman
-from spice_trainer.toy import add_lora, build_model, build_tokenizer
+from spice_trainer.demo.toy import add_lora, build_model, build_tokenizer
+from spice_trainer.features.gradients import compute_gradient_features
+from spice_trainer.integrations.hub import load_proxy
+from spice_trainer.integrations.proxy_rounds import PROXY_STATE_FILE
+from spice_trainer.proxy.agreement import proxy_agreement, spearman
+from spice_trainer.proxy.model import ProxyModel
 
 TOK = tw.TOK
 
@@ -58,12 +60,8 @@ def _pool_features(proxy, data, config, begin, end):
 
 
 class TrainingCollator(tw.RecordingCollator):
-    """Records what the dataloader draws; SPICE's gradient pass and the proxy's refresh steps are not training."""
-
-    def __call__(self, batch):
-        if sys._getframe(1).f_code.co_filename.endswith(("spice_trainer/proxy.py", "spice_trainer/gradients.py")):
-            return self.inner(batch)
-        return super().__call__(batch)
+    """Records what the dataloader draws; SPICE's gradient pass and the proxy's refresh steps are not training
+    (`RecordingCollator` skips every call the library marks with `is_selection_collation`)."""
 
 
 def _snapshot(module):
@@ -235,11 +233,11 @@ def test_a_compatible_proxy_loads_from_a_local_path_with_its_tokenizer(tmp_path)
     _proxy_base().save_pretrained(tmp_path / "proxy")
     TOK.save_pretrained(tmp_path / "proxy")
     config = _config(budget=4, proxy_model=str(tmp_path / "proxy"))
-    proxy = ProxyModel(config.proxy_model, config, target=_target(), tokenizer=TOK)
+    proxy = load_proxy(config.proxy_model, config, target=_target(), tokenizer=TOK)
     assert proxy.tokenizer is not None and proxy.tokenizer.get_vocab() == TOK.get_vocab()
     assert len(proxy.select(tw.dataset(16), config).indices) == 4
     with pytest.raises(ValueError, match="not a local model directory nor in the local Hugging Face cache"):
-        ProxyModel(str(tmp_path / "missing"), config, target=_target(), tokenizer=TOK)
+        load_proxy(str(tmp_path / "missing"), config, target=_target(), tokenizer=TOK)
 
 
 def test_a_path_loads_outside_deepspeed_zero3_partitioning(tmp_path):
@@ -260,7 +258,7 @@ def test_a_path_loads_outside_deepspeed_zero3_partitioning(tmp_path):
     hf_ds._hf_deepspeed_config_weak_ref = weakref.ref(alive)
     try:
         assert hf_ds.is_deepspeed_zero3_enabled()
-        proxy = ProxyModel(str(tmp_path / "proxy"), _config(), target=_target(), tokenizer=TOK)
+        proxy = load_proxy(str(tmp_path / "proxy"), _config(), target=_target(), tokenizer=TOK)
         assert hf_ds.is_deepspeed_zero3_enabled()  # restored for the trainer
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = saved
@@ -291,7 +289,7 @@ def test_a_proxy_built_on_another_vocabulary_is_refused(tmp_path):
     other.save_pretrained(tmp_path / "other")
     config = _config()
     with pytest.raises(ValueError, match=r"vocabulary differs.*'w0' is id 7 in the target and missing"):
-        ProxyModel(str(tmp_path / "other"), config, target=target, tokenizer=TOK)
+        load_proxy(str(tmp_path / "other"), config, target=target, tokenizer=TOK)
     # Without the proxy's tokenizer, its config tells a different vocab_size.
     bigger = build_tokenizer([f"w{i}" for i in range(80)])
     with pytest.raises(ValueError, match=r"vocab_size \(87\) differs from the target's \(67\)"):
@@ -327,20 +325,20 @@ def test_the_callback_refuses_an_incompatible_proxy_when_the_trainer_is_built(tm
 
 def test_a_proxy_of_another_family_warns(caplog):
     config = _config(budget=4)
-    with caplog.at_level(logging.WARNING, logger="spice_trainer.proxy"):
+    with caplog.at_level(logging.WARNING, logger="spice_trainer.proxy.model"):
         proxy = ProxyModel(_proxy_base(family="qwen2"), config, target=_target(), tokenizer=TOK)
     assert any("'qwen2' model and the target a 'llama' model" in r.message for r in caplog.records)
     assert len(proxy.select(tw.dataset(16), config).indices) == 4
     caplog.clear()
     # GPT-2 has none of Llama's projection names: the adapter falls back to all-linear, with a warning.
-    with caplog.at_level(logging.WARNING, logger="spice_trainer.proxy"):
+    with caplog.at_level(logging.WARNING, logger="spice_trainer.proxy.model"):
         gpt2 = ProxyModel(_proxy_base(family="gpt2"), config, target=_target(), tokenizer=TOK)
     messages = " ".join(r.message for r in caplog.records)
     assert "'gpt2' model" in messages and "all-linear" in messages
     assert len(gpt2.select(tw.dataset(16), config).indices) == 4
     quiet = caplog.records[:]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="spice_trainer.proxy"):
+    with caplog.at_level(logging.WARNING, logger="spice_trainer.proxy.model"):
         ProxyModel(_proxy_base(), config, target=_target(), tokenizer=TOK)
     assert not caplog.records and quiet
 

@@ -15,8 +15,8 @@ import trainer_world as tw
 from transformers import Trainer
 
 from spice_trainer import Selection, SpiceConfig, SpiceDataCallback, select, select_from_features
-from spice_trainer.gradients import compute_gradient_features, find_lora_weights
-from spice_trainer.toy import add_lora, build_model
+from spice_trainer.demo.toy import add_lora, build_model
+from spice_trainer.features.gradients import compute_gradient_features, find_lora_weights
 
 CFG = SpiceConfig(proj_dim=32, max_loss_quantile=None)
 

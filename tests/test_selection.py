@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.greedy import select_from_features
-from spice_trainer.selection import Selection
+from spice_trainer.core.greedy import select_from_features
+from spice_trainer.core.selection import Selection
 
 
 def _selection() -> Selection:

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from spice_trainer import world
-from spice_trainer.toy import add_lora, build_model, build_tokenizer
+from spice_trainer.demo import world
+from spice_trainer.demo.toy import add_lora, build_model, build_tokenizer
 
 
 def _solve(task: str, prompt: str) -> str:

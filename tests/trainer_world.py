@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import datasets
 import torch
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
-from spice_trainer.toy import add_lora, build_model, build_tokenizer
+from spice_trainer.demo.toy import add_lora, build_model, build_tokenizer
+from spice_trainer.features.batches import is_selection_collation
 
 TOK = build_tokenizer([f"w{i}" for i in range(60)])
 
@@ -64,8 +64,7 @@ class RecordingCollator:
         self.batches: list[list[tuple[int, ...]]] = []
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        caller = sys._getframe(1).f_code.co_filename
-        if not caller.endswith("spice_trainer/gradients.py"):
+        if not is_selection_collation():
             self.batches.append([tuple(int(t) for t in row["input_ids"]) for row in batch])
         return self.inner(batch)
 

@@ -40,9 +40,9 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from spice_trainer import distributed as sd
 from spice_trainer.config import SpiceConfig
-from spice_trainer.selection import Selection
+from spice_trainer.core.selection import Selection
+from spice_trainer.distributed import comm as sd
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +229,8 @@ class SpiceDataCallback(TrainerCallback):
         self.trainer = trainer
         if self.config.proxy_model is not None and self._select_fn is None:
             # Rounds select with the proxy (loaded and checked against the trainer's model and tokenizer now),
-            # refreshed on what the target trained on since the previous round (spice_trainer.proxy).
-            from spice_trainer.proxy import ProxyRounds
+            # refreshed on what the target trained on since the previous round (integrations/proxy_rounds.py).
+            from spice_trainer.integrations.proxy_rounds import ProxyRounds
 
             self._select_fn = ProxyRounds(self, trainer)
         original_sampler_fn = trainer._get_train_sampler
@@ -411,7 +411,7 @@ class SpiceDataCallback(TrainerCallback):
                 "spice/seconds": record.seconds,
             }
         )
-        for key in ("proxy_rank_corr", "proxy_overlap"):  # set by proxy rounds (spice_trainer.proxy.ProxyRounds)
+        for key in ("proxy_rank_corr", "proxy_overlap"):  # set by integrations/proxy_rounds.py
             if selection.metadata.get(key) is not None:
                 self._pending_logs[-1][f"spice/{key}"] = float(selection.metadata[key])
         logger.info(

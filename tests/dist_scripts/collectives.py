@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from spice_trainer import distributed as sd
+from spice_trainer.distributed import comm as sd
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch.distributed as dist
 from greedy_cases import cases
 
-from spice_trainer import distributed as sd
+from spice_trainer.distributed import comm as sd
+from spice_trainer.distributed.greedy import distributed_greedy
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
         n = feats.shape[0]
         rows = sd.local_rows(n)
         eligible = case.get("eligible")
-        selection = sd.distributed_greedy(
+        selection = distributed_greedy(
             feats[rows.start : rows.stop],
             rows,
             n,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from tiny import build, rows
 
-from spice_trainer import feature_store
 from spice_trainer.config import SpiceConfig
+from spice_trainer.features import store as feature_store
 from spice_trainer.pipeline import select
 
 

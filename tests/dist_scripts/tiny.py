@@ -19,7 +19,7 @@ PROMPT = 3
 
 def build(seed: int = 0) -> tuple[Any, Any]:
     """(tokenizer, LoRA model)."""
-    from spice_trainer.toy import add_lora, build_model, build_tokenizer
+    from spice_trainer.demo.toy import add_lora, build_model, build_tokenizer
 
     tok = build_tokenizer(WORDS)
     model = build_model(tok, hidden_size=16, num_layers=1, num_heads=2, seed=seed)

@@ -20,6 +20,7 @@ from tiny import build, hf_dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from spice_trainer import SpiceConfig, SpiceDataCallback
+from spice_trainer.features.batches import is_selection_collation
 
 
 class RecordingCollator:
@@ -32,7 +33,7 @@ class RecordingCollator:
         self.seen: list[list[int]] = []
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        if not sys._getframe(1).f_code.co_filename.endswith("spice_trainer/gradients.py"):
+        if not is_selection_collation():
             self.seen.extend(list(f["input_ids"]) for f in features)
         return default_data_collator(features)
 

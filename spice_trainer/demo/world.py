@@ -36,7 +36,7 @@ completion-only loss applies. The completion starts with a space and carries no 
 TRL appends it, and `tokenize_rows` does the same.
 
 Randomness flows only through local ``torch.Generator`` objects seeded from the ``seed`` arguments.
-Imports torch at module level, transformers/peft (through `spice_trainer.toy`) on use.
+Imports torch at module level, transformers/peft (through `spice_trainer.demo.toy`) on use.
 """
 
 from __future__ import annotations
@@ -455,7 +455,7 @@ def build_world(
     `pretraining_corpus` for ``pretrain_epochs`` passes (about 30 s on 2 CPU cores), so that the easy
     rows are solved and the hard ones are not. Returns the model in eval mode.
     """
-    from spice_trainer.toy import build_model, build_tokenizer
+    from spice_trainer.demo.toy import build_model, build_tokenizer
 
     tokenizer = build_tokenizer(vocabulary())
     model = build_model(

@@ -8,10 +8,13 @@ score ``Δ_t − λ c_t``; and the cumulative utility ``log det(I + α F_{S_t})`
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
 
 StopReason = Literal["budget", "early_stop", "exhausted"]
 
@@ -154,17 +157,28 @@ class Selection:
             lines.append(f"  seconds: {self.metadata['seconds']:.3g}")
         return "\n".join(lines)
 
-    def plot(self, path: str | Path) -> None:
+    def plot(self, path: str | Path, *, missing_ok: bool = False) -> bool:
         """Save a PNG: gain decay (Δ, b, ε), cumulative information, and conflict per pick.
 
+        Args:
+            path: the PNG file to write (folders are created).
+            missing_ok: without matplotlib, log a warning and return False instead of raising.
+
+        Returns:
+            True when the plot was written.
+
         Raises:
-            ImportError: when matplotlib is missing (``pip install 'spice-trainer[plot]'``).
+            ImportError: when matplotlib is missing (``pip install 'spice-trainer[plot]'``) and not ``missing_ok``.
         """
         try:
             # The object-oriented API (no pyplot): no global backend switch, no figure registry.
             from matplotlib.figure import Figure
         except ImportError as err:
-            raise ImportError("Selection.plot needs matplotlib: pip install 'spice-trainer[plot]'") from err
+            message = "Selection.plot needs matplotlib: pip install 'spice-trainer[plot]'"
+            if missing_ok:
+                logger.warning("%s; skipping the plot", message)
+                return False
+            raise ImportError(message) from err
         steps = list(range(1, len(self.indices) + 1))
         fig = Figure(figsize=(15, 4))
         axes = fig.subplots(1, 3)
@@ -187,6 +201,7 @@ class Selection:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png", dpi=100)
+        return True
 
 
 def _ratio(a: float, b: float) -> str:

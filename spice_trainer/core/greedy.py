@@ -1,6 +1,6 @@
 """The SPICE selection loops: exact, stochastic and pooled greedy, with early stopping.
 
-The loops only compare numbers; every gain, conflict and score comes from `spice_trainer.objective`
+The loops only compare numbers; every gain, conflict and score comes from `spice_trainer.core.objective`
 (apricot's split between optimizers and functions). The public entry point is `select_from_features`.
 
 Greedy rule (DESIGN.md section 1): pick ``argmax_x Δ_x(S) − λ c_x(S)`` over eligible, unpicked rows;
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.objective import FisherMethod, SpiceObjective
-from spice_trainer.selection import Selection, StopReason
+from spice_trainer.core.objective import FisherMethod, SpiceObjective
+from spice_trainer.core.selection import Selection, StopReason
 
 logger = logging.getLogger(__name__)
 

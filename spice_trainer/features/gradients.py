@@ -34,28 +34,40 @@ Only torch is imported: LoRA layers are recognised structurally (PEFT's ``lora_A
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.projection import BlockProjector
+from spice_trainer.core.projection import BlockProjector
+from spice_trainer.features.batches import (
+    Collator,
+    PadCollator,
+    accepts_logits_to_keep,
+    batch_labels,
+    check_batch_rows,
+    check_labels,
+    collate,
+    input_device,
+    longest_first,
+    model_inputs,
+    pad_token_id,
+    per_example_loss,
+    prepare_row,
+    unwrap_model,
+)
 
 logger = logging.getLogger(__name__)
 
 # Projection blocks are cached across batches while all of them together stay under this size.
 _PROJECTOR_CACHE_BYTES = 256 * 2**20
 _ADAM_EPS = 1e-8
-
-Collator = Callable[[list[dict[str, Any]]], dict[str, Any]]
 
 
 @dataclass
@@ -202,7 +214,7 @@ def compute_gradient_features(
             an Adam optimizer, a padding-free collator, token-routed LoRA layers.
     """
     rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
-    model = _unwrap(model)
+    model = unwrap_model(model)
     adapter, lora = find_lora_weights(model, adapter_name)
     _warn_other_trainables(model, {id(m.weight) for _, m in lora})
     adam_denoms = _adam_denominators(optimizer, lora) if config.feature_norm == "adam" else None
@@ -223,11 +235,11 @@ def compute_gradient_features(
     features = torch.full((n, config.proj_dim), float("nan"), dtype=torch.float32)
     losses = torch.full((n,), float("nan"), dtype=torch.float32)
     num_tokens = torch.zeros(n, dtype=torch.int64)
-    collate = data_collator or _PadCollator(_pad_id(model))
-    device = _input_device(model)
+    collator = data_collator or PadCollator(pad_token_id(model))
+    device = input_device(model)
     # Batches of similar lengths waste little on padding. A row's features do not depend on which rows share
     # its batch, so the order is free: longest first (a batch that does not fit in memory fails at once).
-    order = _by_length(dataset, rows, config.max_length)
+    order = longest_first(dataset, rows, config.max_length)
     batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
     bar = _progress(len(batches), show_progress and len(batches) > 1)
     if adam_denoms is not None:
@@ -238,8 +250,8 @@ def compute_gradient_features(
         with _measuring(model, weights, state):
             for positions in batches:
                 batch_rows = [rows[j] for j in positions]
-                batch = collate([_prepare_row(dataset[i], config.max_length) for i in batch_rows])
-                _check_batch_rows(batch, len(batch_rows))
+                batch = collate(collator, [prepare_row(dataset[i], config.max_length) for i in batch_rows])
+                check_batch_rows(batch, len(batch_rows))
                 out = _batch_features(model, weights, state, batch, device, batch_rows)
                 features[positions] = out[0]
                 losses[positions] = out[1]
@@ -285,22 +297,9 @@ def _batch_features(
         ``(features (n, d) float32 CPU, losses (n,) float32 CPU, counts (n,) int64 CPU)``; rows without a
         finite loss or a supervised token have NaN features.
     """
-    input_ids = torch.as_tensor(batch["input_ids"]).to(device)
-    attention_mask = batch.get("attention_mask")
-    if attention_mask is not None:
-        attention_mask = torch.as_tensor(attention_mask).to(device)
-    if batch.get("labels") is not None:
-        labels = torch.as_tensor(batch["labels"]).to(device)
-    else:
-        # A collator without labels (e.g. DataCollatorWithPadding): every real token is a target, padding not.
-        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-        # Left padding: count positions from each row's first real token, as an unpadded row would.
-        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    if batch.get("position_ids") is not None:
-        kwargs["position_ids"] = torch.as_tensor(batch["position_ids"]).to(device)
+    kwargs = model_inputs(batch, device)
+    input_ids = kwargs["input_ids"]
+    labels = batch_labels(batch).to(device)
     bsz = input_ids.shape[0]
     proj_dim = weights[0].projector.proj_dim
 
@@ -308,7 +307,7 @@ def _batch_features(
     # targets[:, t] is what the logits at position t predict: the labels shifted left by one, -100 appended.
     targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     keep = (targets != -100).any(dim=0).nonzero().flatten()
-    if 0 < keep.numel() < targets.shape[1] and _accepts_logits_to_keep(model):
+    if 0 < keep.numel() < targets.shape[1] and accepts_logits_to_keep(model):
         # Only positions with a target in some row go through the LM head (prompt and padding positions carry
         # no loss): exact, and it saves the head's share of the compute on completion-only data.
         kwargs["logits_to_keep"] = keep
@@ -316,10 +315,10 @@ def _batch_features(
     try:
         with torch.enable_grad():
             logits = model(**kwargs).logits
-            _check_labels(targets, logits.shape[-1], rows)
+            check_labels(targets, logits.shape[-1], rows)
             if "logits_to_keep" in kwargs:
                 targets = targets[:, keep]
-            per_example, counts = _per_example_loss(logits, targets)
+            per_example, counts = per_example_loss(logits, targets)
             del logits
             valid = torch.isfinite(per_example) & (counts > 0)
             losses_cpu, counts_cpu = per_example.detach().float().cpu(), counts.cpu()
@@ -368,62 +367,6 @@ def _project_call(w: _LoraWeight, x: torch.Tensor, delta: torch.Tensor, state: _
     if w.adam_denom is not None:
         grad = grad / w.adam_denom
     acc += w.projector.project(grad).to(acc.device)  # a no-op unless the model is split across devices
-
-
-def _per_example_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's mean next-token cross-entropy over its supervised tokens (targets ≠ -100).
-
-    Matches transformers' ``ForCausalLMLoss`` on a batch of one: logits upcast to float32; the caller shifts
-    the labels (not the logits, which would copy the ``(n, T, V)`` tensor).
-
-    Args:
-        logits: ``(n, K, V)``.
-        targets: ``(n, K)``, the token each position predicts, -100 where there is no loss.
-
-    Returns:
-        ``(losses (n,), counts (n,))``; a row without a supervised token has loss NaN and count 0.
-    """
-    logits = logits.float()
-    targets = targets.to(logits.device)
-    token_loss = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
-    ).reshape(targets.shape)
-    counts = (targets != -100).sum(dim=1)
-    summed = token_loss.sum(dim=1)  # ignored targets contribute exactly 0
-    losses = torch.where(counts > 0, summed / counts.clamp_min(1), torch.full_like(summed, float("nan")))
-    return losses, counts
-
-
-def _check_batch_rows(batch: Any, expected: int) -> None:
-    """The collated batch has one row per example (padding-free/packing collators concatenate them)."""
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise TypeError(
-            f"data_collator must return a dict with 'input_ids' (a Mapping of tensors), got {type(batch).__name__}"
-        )
-    rows = torch.as_tensor(batch["input_ids"]).shape[0]
-    if rows != expected:
-        raise ValueError(
-            f"data_collator returned {rows} rows for {expected} examples; per-example gradients need one padded "
-            "row per example, so padding-free or packing collators (e.g. TRL's padding_free=True) are not "
-            "supported: pass a padding collator, or data_collator=None"
-        )
-
-
-def _check_labels(targets: torch.Tensor, vocab_size: int, rows: Sequence[int]) -> None:
-    """Every target (the labels shifted left by one) is -100 or a token id in ``[0, vocab_size)``.
-
-    An out-of-range target makes cross-entropy fail (CPU) or assert on the device (CUDA), and a negative
-    one other than -100 (e.g. -1 used as "ignore") would otherwise be read as token 0: name the rows.
-    """
-    bad = (targets != -100) & ((targets < 0) | (targets >= vocab_size))
-    if bool(bad.any()):
-        where = bad.any(dim=1).nonzero().flatten().tolist()
-        value = int(targets[bad][0])
-        raise ValueError(
-            f"dataset rows {[rows[i] for i in where][:10]} have labels outside [0, {vocab_size}) (e.g. {value}); "
-            "labels must be token ids of the model's vocabulary, with -100 marking tokens without loss. Check "
-            "the tokenizer matches the model, and use -100 (not -1) to mask tokens"
-        )
 
 
 @contextmanager
@@ -486,125 +429,6 @@ def _b_hook(w: _LoraWeight, x: torch.Tensor, state: _Pass, delta: torch.Tensor) 
 
 
 # --- rows, collation, helpers -------------------------------------------------------------------------
-
-
-def _prepare_row(row: Any, max_length: int | None) -> dict[str, Any]:
-    """Keep the numeric columns of a row, sequences truncated to ``max_length`` tokens.
-
-    Strings, ``None`` and lists of non-numbers (e.g. TRL's ``messages`` or ``prompt`` columns) are dropped:
-    collators only pad numbers.
-    """
-    if not isinstance(row, Mapping) or "input_ids" not in row:
-        found = sorted(row) if isinstance(row, Mapping) else type(row).__name__
-        raise ValueError(
-            f"each dataset row must be a dict with 'input_ids' (tokenised text), got {found}; tokenise the "
-            "dataset first (TRL's SFTTrainer does it for you)"
-        )
-    out: dict[str, Any] = {}
-    for key, value in row.items():
-        if not _is_numeric(value):
-            continue
-        if max_length is not None and _sequence_length(value) > max_length:
-            value = value[:max_length]
-        out[key] = value
-    return out
-
-
-def _by_length(dataset: Any, rows: Sequence[int], max_length: int | None) -> list[int]:
-    """Positions ``0..len(rows)-1`` ordered by their row's token count, longest first (stable)."""
-    lengths = []
-    for i in rows:
-        row = dataset[i]
-        length = _sequence_length(row.get("input_ids")) if isinstance(row, Mapping) else 0
-        lengths.append(length if max_length is None else min(length, max_length))
-    return sorted(range(len(rows)), key=lambda j: -lengths[j])
-
-
-def _is_numeric(value: Any) -> bool:
-    """A tensor, a numpy array, a number, or a (nested) list/tuple whose first leaf is one of those."""
-    while isinstance(value, list | tuple):
-        if not value:
-            return True
-        value = value[0]
-    if isinstance(value, np.ndarray | np.generic):
-        return value.dtype.kind in "biuf"
-    return isinstance(value, torch.Tensor | int | float)
-
-
-def _sequence_length(value: Any) -> int:
-    """The length of a list or a ≥ 1-dimensional tensor/array; 0 for scalars."""
-    if isinstance(value, list | tuple):
-        return len(value)
-    if isinstance(value, torch.Tensor | np.ndarray) and value.ndim > 0:
-        return int(value.shape[0])
-    return 0
-
-
-class _PadCollator:
-    """Right-pads ``input_ids``; labels are the row's ``labels`` or ``input_ids`` with masked tokens -100."""
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            row_ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
-            length = row_ids.shape[0]
-            ids[i, :length] = row_ids
-            row_attention = torch.as_tensor(row.get("attention_mask", [1] * length), dtype=torch.long)[:length]
-            row_labels = torch.as_tensor(row.get("labels", row_ids), dtype=torch.long)[:length].clone()
-            if "labels" not in row:
-                row_labels[row_attention == 0] = -100
-            for mask_key in ("completion_mask", "assistant_masks"):
-                if mask_key in row:
-                    row_labels[torch.as_tensor(row[mask_key])[:length] == 0] = -100
-            labels[i, :length] = row_labels
-            attention[i, :length] = row_attention
-        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
-
-
-def _pad_id(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    pad = getattr(config, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(config, "eos_token_id", None)
-    if isinstance(pad, list):
-        pad = pad[0] if pad else None
-    return int(pad) if pad is not None else 0
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the causal LM (inside PEFT's wrappers) takes ``logits_to_keep`` (transformers >= 4.50)."""
-    inner: Any = model
-    get_base = getattr(inner, "get_base_model", None)
-    if callable(get_base):
-        inner = get_base()
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where the token ids go: the input embedding's device (the first stage of a split model)."""
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    try:
-        weight = getattr(get_embeddings(), "weight", None) if callable(get_embeddings) else None
-    except (NotImplementedError, AttributeError):  # models without the transformers API
-        weight = None
-    return weight.device if isinstance(weight, torch.Tensor) else next(model.parameters()).device
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a `DistributedDataParallel` wrapper: its forward would arm the reducer for a backward
-    that never comes (we call ``autograd.grad``), and the next training step would fail."""
-    while type(model).__name__ == "DistributedDataParallel" and isinstance(getattr(model, "module", None), nn.Module):
-        model = cast(nn.Module, model.module)
-    return model
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
