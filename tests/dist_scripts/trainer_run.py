@@ -92,6 +92,11 @@ def main() -> None:
         "reports": sorted(p.name for p in (out / "trainer" / "spice").glob("*")) if rank == 0 else None,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    if dist.is_initialized():
+        # Tear gloo down before the interpreter exits: its threads alive at exit abort the process
+        # ("terminate called without an active exception"), which fails the run after it succeeded.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
