@@ -20,6 +20,7 @@ _LAZY = {
     "select_from_features": "spice_trainer.core.greedy",
     "gradient_features": "spice_trainer.features.gradients",
     "select": "spice_trainer.pipeline",
+    "SpiceArguments": "spice_trainer.integrations.arguments",
     "SpiceDataCallback": "spice_trainer.integrations.trainer",
     "SpiceSampler": "spice_trainer.integrations.trainer",
 }
@@ -27,6 +28,7 @@ _LAZY = {
 __all__ = [
     "ProxyModel",
     "Selection",
+    "SpiceArguments",
     "SpiceConfig",
     "SpiceDataCallback",
     "SpiceSampler",
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from spice_trainer.core.greedy import select_from_features
     from spice_trainer.core.selection import Selection
     from spice_trainer.features.gradients import gradient_features
+    from spice_trainer.integrations.arguments import SpiceArguments
     from spice_trainer.integrations.trainer import SpiceDataCallback, SpiceSampler
     from spice_trainer.pipeline import select
     from spice_trainer.proxy.model import ProxyModel
