@@ -22,7 +22,7 @@ _LAZY = {
     "select": "spice_trainer.pipeline",
     "SpiceArguments": "spice_trainer.integrations.arguments",
     "SpiceDataCallback": "spice_trainer.integrations.trainer",
-    "SpiceSampler": "spice_trainer.integrations.trainer",
+    "SpiceSampler": "spice_trainer.integrations.sampler",
 }
 
 __all__ = [
@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from spice_trainer.core.selection import Selection
     from spice_trainer.features.gradients import gradient_features
     from spice_trainer.integrations.arguments import SpiceArguments
-    from spice_trainer.integrations.trainer import SpiceDataCallback, SpiceSampler
+    from spice_trainer.integrations.sampler import SpiceSampler
+    from spice_trainer.integrations.trainer import SpiceDataCallback
     from spice_trainer.pipeline import select
     from spice_trainer.proxy.model import ProxyModel
 

@@ -1,4 +1,4 @@
-"""SPICE inside `transformers.Trainer` and TRL `SFTTrainer`: `SpiceDataCallback` and `SpiceSampler`.
+"""SPICE inside `transformers.Trainer` and TRL `SFTTrainer`: `SpiceDataCallback` (the sampler lives in `sampler.py`).
 
 ``callbacks=[SpiceDataCallback(SpiceConfig(budget=0.1))]`` is all a training script adds. The callback
 is thin (STYLE.md principle 4): every round is `spice_trainer.pipeline.select` on the trainer's model and
@@ -22,7 +22,6 @@ dataset, and `SpiceSampler` only replays recorded subsets. How it hooks in, with
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -30,8 +29,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,150 +41,22 @@ from transformers.trainer_utils import get_last_checkpoint
 from spice_trainer.config import SpiceConfig
 from spice_trainer.core.selection import Selection
 from spice_trainer.distributed import comm as sd
+from spice_trainer.integrations.sampler import SpiceSampler
+from spice_trainer.integrations.state import (
+    RESUME_SAFE_FIELDS,
+    STATE_FILE,
+    STATE_VERSION,
+    RoundRecord,
+    RunState,
+    dataset_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "spice_state.json"
-STATE_VERSION = 1
-# Config fields that may differ on resume without changing which rows were selected so far.
-_RESUME_SAFE_FIELDS = frozenset({"write_reports", "proxy_device"})
 
 SelectFn = Callable[..., Selection]
 
 
-# --- the sampler --------------------------------------------------------------------------------------
-
-
-@dataclass
-class SubsetSwitch:
-    """A subset and the first sample position ``(epoch, position)`` it applies to."""
-
-    round: int
-    epoch: int
-    position: int
-    rows: list[int]
-
-
-class SpiceSampler(Sampler[int]):
-    """Yields rows of the selected subset, ``num_samples`` per epoch, in a seeded order.
-
-    Epoch ``e`` under subset round ``r`` draws a permutation of the subset from a local generator seeded
-    by ``(seed, e, r)``: if the subset has more rows than ``num_samples`` (mode ``"grow"``) the first
-    ``num_samples`` of the permutation are drawn, if fewer it cycles. A new subset (`switch_to`) applies
-    from the next position not yet drawn, so the length — and the trainer's step count — never change.
-    The same ``(history, epoch)`` gives the same sequence in every process, which is what accelerate's
-    batch sharding needs.
-
-    Args:
-        rows: the first subset (row indices of the training dataset).
-        seed: the order's seed (`SpiceConfig.seed`).
-        num_samples: rows per epoch; defaults to ``len(rows)``.
-    """
-
-    def __init__(self, rows: Sequence[int], *, seed: int = 42, num_samples: int | None = None) -> None:
-        if len(rows) == 0:
-            raise ValueError("SpiceSampler needs at least one row; the selection is empty")
-        self.seed = seed
-        self.num_samples = int(num_samples if num_samples is not None else len(rows))
-        self.history: list[SubsetSwitch] = [SubsetSwitch(0, 0, 0, [int(r) for r in rows])]
-        self.epoch = 0
-        self._drawn = 0  # positions already yielded in the running epoch
-        self._drawing_epoch: int | None = None
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    @property
-    def rows(self) -> list[int]:
-        """The current subset."""
-        return self.history[-1].rows
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the trainer (and the callback) at the start of every epoch."""
-        self.epoch = int(epoch)
-
-    def drawn_position(self) -> tuple[int, int]:
-        """``(epoch, position)`` of the next sample not yet drawn."""
-        if self._drawing_epoch is None:
-            return self.epoch, 0
-        if self._drawn >= self.num_samples:
-            return self._drawing_epoch + 1, 0
-        return self._drawing_epoch, self._drawn
-
-    def switch_to(self, rows: Sequence[int], round_index: int, at: tuple[int, int] | None = None) -> SubsetSwitch:
-        """Draw from ``rows`` from position ``at`` (default: the next position not yet drawn) on."""
-        if len(rows) == 0:
-            raise ValueError("cannot switch the sampler to an empty subset")
-        epoch, position = at if at is not None else self.drawn_position()
-        switch = SubsetSwitch(round_index, epoch, position, [int(r) for r in rows])
-        self.history.append(switch)
-        return switch
-
-    def __iter__(self) -> Iterator[int]:
-        epoch = self.epoch
-        self._drawing_epoch, self._drawn = epoch, 0
-        for position in range(self.num_samples):
-            yield self.row_at(epoch, position)
-            self._drawn = position + 1
-
-    def row_at(self, epoch: int, position: int) -> int:
-        """The row drawn at ``(epoch, position)`` under the recorded history."""
-        active = self.history[0]
-        for switch in self.history:
-            if (switch.epoch, switch.position) <= (epoch, position):
-                active = switch
-        start = active.position if active.epoch == epoch else 0
-        order = self._order(epoch, active)
-        return order[(position - start) % len(order)]
-
-    def _order(self, epoch: int, switch: SubsetSwitch) -> list[int]:
-        key = (epoch, switch.round, switch.epoch, switch.position)
-        cached = getattr(self, "_order_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch * 1009 + switch.round)
-        perm = torch.randperm(len(switch.rows), generator=gen).tolist()
-        order = [switch.rows[i] for i in perm]
-        self._order_cache = (key, order)
-        return order
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "num_samples": self.num_samples,
-            "history": [vars(s) for s in self.history],
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> SpiceSampler:
-        history = [SubsetSwitch(**s) for s in state["history"]]
-        sampler = cls(history[0].rows, seed=int(state["seed"]), num_samples=int(state["num_samples"]))
-        sampler.history = history
-        return sampler
-
-
 # --- the callback -------------------------------------------------------------------------------------
-
-
-@dataclass
-class _RoundRecord:
-    round: int
-    step: int
-    selected: int
-    stop_reason: str
-    first_gain: float | None
-    seconds: float
-
-
-@dataclass
-class _RunState:
-    """What a checkpoint carries: the sampler history, the rounds, and what they were computed on."""
-
-    fingerprint: str
-    config: dict[str, Any]
-    sampler: dict[str, Any]
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    reference_gain: float | None = None
 
 
 class SpiceDataCallback(TrainerCallback):
@@ -211,7 +81,7 @@ class SpiceDataCallback(TrainerCallback):
         self.trainer: Trainer | None = None
         self.sampler: SpiceSampler | None = None
         self.selection: Selection | None = None
-        self.rounds: list[_RoundRecord] = []
+        self.rounds: list[RoundRecord] = []
         self._dataset: Any = None
         self._fingerprint: str | None = None
         self._resume_from: str | None = None
@@ -387,7 +257,7 @@ class SpiceDataCallback(TrainerCallback):
     def _finish_round(self, selection: Selection, *, step: int, rows: list[int]) -> None:
         self.selection = selection
         self._last_round_step = step
-        record = _RoundRecord(
+        record = RoundRecord(
             round=len(self.rounds),
             step=step,
             selected=len(rows),
@@ -459,7 +329,7 @@ class SpiceDataCallback(TrainerCallback):
         """The JSON-serialisable state a checkpoint carries."""
         if self.sampler is None:
             return {}
-        run = _RunState(
+        run = RunState(
             fingerprint=self._fingerprint or "",
             config=self.config.to_dict(),
             sampler=self.sampler.state_dict(),
@@ -500,7 +370,7 @@ class SpiceDataCallback(TrainerCallback):
         changed = sorted(
             k
             for k, v in self.config.to_dict().items()
-            if k not in _RESUME_SAFE_FIELDS and saved.get("config", {}).get(k, v) != v
+            if k not in RESUME_SAFE_FIELDS and saved.get("config", {}).get(k, v) != v
         )
         if changed:
             raise ValueError(
@@ -508,7 +378,7 @@ class SpiceDataCallback(TrainerCallback):
                 "resume with the same config, or start a new run"
             )
         self.sampler = SpiceSampler.from_state_dict(saved["sampler"])
-        self.rounds = [_RoundRecord(**r) for r in saved.get("rounds", [])]
+        self.rounds = [RoundRecord(**r) for r in saved.get("rounds", [])]
         self._reference_gain = saved.get("reference_gain")
         self._last_round_step = self.rounds[-1].step if self.rounds else -1
         load_state = getattr(self._select_fn, "load_state", None)
@@ -600,17 +470,6 @@ def _gradient_collator(trainer: Trainer) -> Callable[[list[dict[str, Any]]], dic
     if collator is None or getattr(collator, "padding_free", False) or getattr(collator, "return_position_ids", False):
         return None
     return collator
-
-
-def dataset_fingerprint(dataset: Any) -> str:
-    """A cheap identity of the training rows: their count and a hash of up to 64 evenly spaced rows."""
-    n = len(dataset)
-    h = hashlib.sha256(str(n).encode())
-    for i in sorted({int(j * (n - 1) / 63) for j in range(64)} if n > 1 else set(range(n))):
-        row = dataset[i]
-        ids = row.get("input_ids") if isinstance(row, dict) else row
-        h.update(repr(ids.tolist() if isinstance(ids, torch.Tensor) else ids).encode())
-    return h.hexdigest()[:32]
 
 
 def _trl_module(trainer: Trainer) -> Any:
