@@ -129,7 +129,9 @@ def select(
         show_progress=show_progress,
     )
     selection.metadata.update(
-        _round_metadata(selection, grads.losses, eligible, non_finite, no_tokens, feature_seconds, start)
+        _round_metadata(
+            selection, grads.losses, grads.num_tokens, eligible, non_finite, no_tokens, feature_seconds, start, config
+        )
     )
     return selection
 
@@ -258,7 +260,7 @@ def _select_sharded(
             show_progress=show_progress,
         )
     selection.metadata.update(
-        _round_metadata(selection, losses, eligible, non_finite, no_tokens, feature_seconds, start)
+        _round_metadata(selection, losses, num_tokens, eligible, non_finite, no_tokens, feature_seconds, start, config)
     )
     selection.metadata.update(
         {
@@ -324,19 +326,32 @@ def _chunk_progress(total: int, show: bool) -> Any:
 def _round_metadata(
     selection: Selection,
     losses: torch.Tensor,
+    num_tokens: torch.Tensor,
     eligible: torch.Tensor,
     non_finite: int,
     no_tokens: int,
     feature_seconds: float,
     start: float,
+    config: SpiceConfig,
 ) -> dict[str, Any]:
-    """Timings and what the guards excluded, recorded on every round's `Selection` (both paths)."""
+    """Timings and what the guards excluded, recorded on every round's `Selection` (both paths).
+
+    ``non_finite_loss_rows`` counts every row whose loss is not finite, including the
+    ``no_supervised_token_rows`` (a row without a target has no loss). ``loss_guard_excluded`` = ``solved_rows``
+    (finite loss ``<= min_loss``) + ``loss_cap_rows`` (above the ``max_loss_quantile`` cap): rows with a finite
+    loss and a target that the guards left out.
+    """
+    measured = torch.isfinite(losses) & (num_tokens.to(losses.device) > 0)
+    solved = int((measured & (losses <= config.min_loss)).sum()) if config.min_loss is not None else 0
+    guarded = int((measured & ~eligible.to(losses.device)).sum())
     return {
         "feature_seconds": feature_seconds,
         "seconds": time.perf_counter() - start,
         "non_finite_loss_rows": non_finite,
         "no_supervised_token_rows": no_tokens,
-        "loss_guard_excluded": int((~eligible).sum()) - non_finite - no_tokens,
+        "loss_guard_excluded": guarded,
+        "solved_rows": solved,
+        "loss_cap_rows": guarded - solved,
         "mean_loss_selected": _mean_at(losses, selection.indices),
         "mean_loss_pool": float(losses[torch.isfinite(losses)].mean()) if eligible.any() else None,
     }

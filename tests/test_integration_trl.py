@@ -153,3 +153,47 @@ def test_example_script_runs_offline(tmp_path, capsys):
     module.main(["--output-dir", str(out), "--toy-rows", "48", "--epochs", "1", "--budget", "8"])
     assert "trained on 8 of 48 rows" in capsys.readouterr().out
     assert (out / "spice" / "round-0.json").is_file()
+
+
+def test_a_round_is_seen_on_the_console_in_the_metrics_and_in_tensorboard(tmp_path, caplog):
+    import logging
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = Dataset.from_list(_text_rows(24))
+    with caplog.at_level(logging.INFO, logger="spice_trainer"):
+        trainer, callback, recorder = _sft(
+            tmp_path, data, SpiceConfig(budget=6, stop_ratio=None, proj_dim=32), report_to="tensorboard"
+        )
+    selection = callback.selection
+    meta = selection.metadata
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("spice: round")]
+    assert len(lines) == 1
+    expected = f"spice: round 0 selected 6 of {len(trainer.train_dataset)} rows (stop: budget) in "
+    assert lines[0].startswith(expected), lines[0]
+    solved = meta["solved_rows"]
+    assert (f"excluded {solved} solved" in lines[0]) == (solved > 0)
+
+    (logged,) = [h for h in trainer.state.log_history if "spice/round" in h]
+    assert logged["spice/stop_reason"] == 0.0 and logged["spice/selected"] == 6.0
+    assert logged["spice/candidates"] == float(len(trainer.train_dataset))
+    assert logged.get("spice/excluded_solved", 0.0) == float(solved)
+    assert meta["solved_rows"] + meta["loss_cap_rows"] == meta["loss_guard_excluded"]
+
+    # Throughput counts the rows drawn (6 per epoch), not the 24-row dataset.
+    (final,) = [h for h in trainer.state.log_history if "train_samples_per_second" in h]
+    samples = final["train_samples_per_second"] * final["train_runtime"]
+    drawn = len(recorder.drawn_rows(trainer.train_dataset))
+    assert drawn == 6 and samples == pytest.approx(drawn, rel=0.05)
+
+    # The selection as a dataset of the user's rows, with the round's numbers.
+    chosen = selection.to_dataset(data)
+    assert chosen["spice_row"] == callback.selected_rows
+    assert chosen["prompt"] == [data[r]["prompt"] for r in callback.selected_rows]
+    assert chosen["spice_gain"] == selection.gains
+
+    (run_dir,) = {p.parent for p in (tmp_path / "runs").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "tensors": 0}).Reload()
+    assert "spice/round-0" in events.Tags()["images"]
+    assert "spice/stop_reason/text_summary" in events.Tags()["tensors"]
+    assert "train/spice/selected" in events.Tags()["scalars"]

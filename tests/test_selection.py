@@ -76,3 +76,40 @@ def test_plot_names_the_extra_when_matplotlib_is_missing(tmp_path: Path, monkeyp
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"pip install 'spice-trainer\[plot\]'"):
         _selection().plot(tmp_path / "x.png")
+
+
+def test_to_dataset_has_the_chosen_rows_and_their_numbers() -> None:
+    import datasets
+
+    sel = _selection()
+    pool = datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(120)], "label": list(range(120))})
+    ds = sel.to_dataset(pool)
+    assert ds["spice_row"] == sel.selected and ds["text"] == [f"row {i}" for i in sel.selected]
+    assert ds["label"] == sel.selected
+    k0 = len(sel.initial)
+    assert ds["spice_pick"] == [None] * k0 + list(range(len(sel.indices)))
+    assert ds["spice_gain"][k0:] == sel.gains and ds["spice_base_gain"][k0:] == sel.base_gains
+    assert ds["spice_conflict"][k0:] == sel.conflicts and ds["spice_score"][k0:] == sel.scores
+    assert ds["spice_gain"][:k0] == [None] * k0
+    assert set(ds["spice_round"]) == {3}
+
+    # rows= maps the selection into another dataset (e.g. the user's rows behind a tokenised copy).
+    reversed_pool = pool.select(range(119, -1, -1))
+    mapped = sel.to_dataset(reversed_pool, rows=[119 - r for r in sel.selected])
+    assert mapped["text"] == ds["text"]
+    # A selection dataset can be scored again by a later round: the spice_ columns are replaced.
+    again = sel.to_dataset(ds, rows=list(range(len(ds))))
+    assert again["spice_gain"] == ds["spice_gain"] and again.column_names == ds.column_names
+
+    with pytest.raises(ValueError, match="rows has 3 entries"):
+        sel.to_dataset(pool, rows=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"out of range for a train_dataset of 10 rows"):
+        sel.to_dataset(pool.select(range(10)))
+
+
+def test_core_selection_imports_no_datasets() -> None:
+    import subprocess
+
+    code = "import sys, spice_trainer.core.selection; print('datasets' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -97,6 +98,80 @@ class Selection:
     def selected(self) -> list[int]:
         """Every selected row: ``initial`` followed by this round's picks."""
         return [*self.initial, *self.indices]
+
+    # --- as a dataset ------------------------------------------------------------------------
+
+    def to_dataset(self, train_dataset: Any, *, rows: Sequence[int] | None = None) -> Any:
+        """The selected rows of ``train_dataset`` as a `datasets.Dataset`, with why each was chosen.
+
+        Rows come in `selected` order (``initial`` first, then this round's picks) with every column of
+        ``train_dataset`` and these added:
+
+        - ``spice_row``: the row's index in ``train_dataset``;
+        - ``spice_pick``: its position in this round's pick order (``None`` for ``initial`` rows);
+        - ``spice_gain`` (Δ), ``spice_base_gain`` (b), ``spice_conflict`` (c), ``spice_score`` (Δ − λc):
+          the pick's numbers (``None`` for ``initial`` rows, chosen in an earlier round);
+        - ``spice_round``: the selection round (``metadata["round"]``, 0 outside a trainer).
+
+        Args:
+            train_dataset: a `datasets.Dataset` (or anything ``datasets.Dataset.from_list`` accepts as a list of
+                dict rows) whose rows the selection indexes.
+            rows: the row of ``train_dataset`` for each entry of `selected`, when the selection ran on a derived
+                dataset; defaults to ``metadata["source_rows"]`` when present (`SpiceDataCallback` records the
+                rows of the dataset the user passed there, through TRL's tokenisation, filtering and
+                shuffling), else `selected` itself.
+
+        Raises:
+            ImportError: ``datasets`` is not installed.
+            ValueError: ``rows`` does not have one entry per selected row, or a row is out of range.
+        """
+        try:
+            import datasets
+        except ImportError as err:  # pragma: no cover - datasets is a dependency; the core imports it lazily
+            raise ImportError("Selection.to_dataset needs the `datasets` package: pip install datasets") from err
+        selected = self.selected
+        if rows is None:
+            rows = self.metadata.get("source_rows") or selected
+        rows = [int(r) for r in rows]
+        if len(rows) != len(selected):
+            raise ValueError(
+                f"rows has {len(rows)} entries but the selection holds {len(selected)} rows; pass one row of "
+                "train_dataset per entry of Selection.selected"
+            )
+        if not isinstance(train_dataset, datasets.Dataset):
+            train_dataset = datasets.Dataset.from_list([dict(r) for r in train_dataset])
+        n = len(train_dataset)
+        bad = [r for r in rows if not 0 <= r < n]
+        if bad:
+            raise ValueError(
+                f"rows {bad[:10]} are out of range for a train_dataset of {n} rows; pass the dataset the selection "
+                "was made on (or rows=... mapping into this one)"
+            )
+        k0 = len(self.initial)
+        none: list[float | None] = [None] * k0
+        round_index = int(self.metadata.get("round", 0))
+        out = train_dataset.select(rows)
+        added: dict[str, list[Any]] = {
+            "spice_row": rows,
+            "spice_pick": [None] * k0 + list(range(len(self.indices))),
+            "spice_gain": none + [float(v) for v in self.gains],
+            "spice_base_gain": none + [float(v) for v in self.base_gains],
+            "spice_conflict": none + [float(v) for v in self.conflicts],
+            "spice_score": none + [float(v) for v in self.scores],
+            "spice_round": [round_index] * len(rows),
+        }
+        clash = sorted(set(added) & set(out.column_names))
+        if clash:
+            out = out.remove_columns(clash)  # a dataset written by an earlier to_dataset: the new round's numbers
+        features = {
+            "spice_row": datasets.Value("int64"),
+            "spice_pick": datasets.Value("int64"),
+            "spice_round": datasets.Value("int64"),
+            **{name: datasets.Value("float64") for name in added if name.endswith(("gain", "conflict", "score"))},
+        }
+        for name, values in added.items():
+            out = out.add_column(name, values, feature=features[name])
+        return out
 
     # --- persistence -------------------------------------------------------------------------
 

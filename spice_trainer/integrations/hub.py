@@ -7,17 +7,19 @@ The only place that reaches into transformers' loading machinery (STYLE.md: tran
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from spice_trainer.config import SpiceConfig
 from spice_trainer.proxy.model import ProxyModel
 
-logger = logging.getLogger(__name__)
+# transformers' logging: the spice_trainer loggers follow the trainer's log_level / log_level_replica
+# (integrations/reporting.py `use_trainer_log_level`).
+logger = hf_logging.get_logger(__name__)
 
 __all__ = ["cached_snapshot", "load_causal_lm", "load_proxy", "outside_zero3", "tokenizer_beside", "tokenizer_in"]
 

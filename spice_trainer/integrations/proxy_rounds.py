@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from spice_trainer.config import SpiceConfig
 from spice_trainer.core.selection import Selection
@@ -21,7 +21,9 @@ from spice_trainer.proxy.agreement import Agreement, proxy_agreement
 from spice_trainer.proxy.compat import check_proxy_compatible
 from spice_trainer.proxy.model import ProxyModel
 
-logger = logging.getLogger(__name__)
+# transformers' logging: the spice_trainer loggers follow the trainer's log_level / log_level_replica
+# (integrations/reporting.py `use_trainer_log_level`).
+logger = hf_logging.get_logger(__name__)
 
 #: The file in each checkpoint that holds the proxy's adapter, its optimizer state and the round position.
 PROXY_STATE_FILE = "spice_proxy.pt"

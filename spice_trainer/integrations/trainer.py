@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import math
 import os
 import sys
@@ -37,10 +36,17 @@ import torch
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging as hf_logging
 
 from spice_trainer.config import SpiceConfig
 from spice_trainer.core.selection import Selection
 from spice_trainer.distributed import comm as sd
+from spice_trainer.integrations.reporting import (
+    round_line,
+    round_metrics,
+    send_to_trackers,
+    use_trainer_log_level,
+)
 from spice_trainer.integrations.sampler import SpiceSampler
 from spice_trainer.integrations.state import (
     RESUME_SAFE_FIELDS,
@@ -51,7 +57,9 @@ from spice_trainer.integrations.state import (
     dataset_fingerprint,
 )
 
-logger = logging.getLogger(__name__)
+# transformers' logging: the spice_trainer loggers follow the trainer's log_level / log_level_replica
+# (integrations/reporting.py `use_trainer_log_level`).
+logger = hf_logging.get_logger(__name__)
 
 SelectFn = Callable[..., Selection]
 
@@ -87,6 +95,7 @@ class SpiceDataCallback(TrainerCallback):
         self._resume_from: str | None = None
         self._reference_gain: float | None = None
         self._pending_logs: list[dict[str, float]] = []
+        self._pending_plots: list[tuple[Selection, int, int, Path | None]] = []
         self._last_round_step = -1
         self.failed_rounds = 0
 
@@ -97,6 +106,8 @@ class SpiceDataCallback(TrainerCallback):
             return self
         _check_supported(trainer, self.config)
         self.trainer = trainer
+        use_trainer_log_level(trainer.args)
+        count_selected_examples(trainer, self)
         if self.config.proxy_model is not None and self._select_fn is None:
             # Rounds select with the proxy (loaded and checked against the trainer's model and tokenizer now),
             # refreshed on what the target trained on since the previous round (integrations/proxy_rounds.py).
@@ -266,63 +277,55 @@ class SpiceDataCallback(TrainerCallback):
             seconds=float(selection.metadata.get("seconds", 0.0)),
         )
         self.rounds.append(record)
-        conflicts = selection.conflicts
-        stop_reasons = {"budget": 0.0, "early_stop": 1.0, "exhausted": 2.0}
-        self._pending_logs.append(
-            {
-                "spice/round": float(record.round),
-                "spice/selected": float(len(rows)),
-                "spice/picked": float(len(selection.indices)),
-                "spice/first_gain": selection.gains[0] if selection.gains else 0.0,
-                "spice/last_gain": selection.gains[-1] if selection.gains else 0.0,
-                "spice/mean_conflict": sum(conflicts) / len(conflicts) if conflicts else 0.0,
-                "spice/stop_step": float(len(selection.indices)),
-                "spice/stop_reason": stop_reasons.get(selection.stop_reason, -1.0),
-                "spice/seconds": record.seconds,
-            }
-        )
-        for key in ("proxy_rank_corr", "proxy_overlap"):  # set by integrations/proxy_rounds.py
-            if selection.metadata.get(key) is not None:
-                self._pending_logs[-1][f"spice/{key}"] = float(selection.metadata[key])
-        logger.info(
-            "spice: round %d at step %d selected %d rows (%s) in %.1fs",
-            record.round,
-            step,
-            len(rows),
-            selection.stop_reason,
-            record.seconds,
-        )
-        self._write_report(selection, record.round)
+        trainer = self._require_trainer()
+        # The rows of the dataset the user passed (through TRL's tokenisation, filtering and shuffling): what
+        # `Selection.to_dataset(user_dataset)` returns, and what the round report names.
+        selection.metadata["source_rows"] = source_rows(trainer, self._dataset, selection.selected)
+        self._pending_logs.append(round_metrics(selection, round_index=record.round))
+        if sd.is_main_process():
+            logger.info(round_line(selection, round_index=record.round, step=step))
+        plot = self._write_report(selection, record.round)
+        self._pending_plots.append((selection, record.round, step, plot))
 
     def _flush_logs(self) -> None:
         trainer = self.trainer
         if trainer is None or not self._pending_logs:
             return
         pending, self._pending_logs = self._pending_logs, []
+        plots, self._pending_plots = self._pending_plots, []
         # Trainer.log clears control.should_log; inside on_step_end that would drop the trainer's own loss
         # log for this step (its loss then folds into the next logged average), so keep the flag.
         should_log = trainer.control.should_log
         for logs in pending:
             trainer.log(logs)
         trainer.control.should_log = should_log
+        if sd.is_main_process():
+            # After trainer.log: the trackers of report_to are set up by now (the first round runs before).
+            for selection, round_index, step, plot in plots:
+                send_to_trackers(trainer, selection, round_index=round_index, step=step, plot=plot)
 
-    def _write_report(self, selection: Selection, round_index: int) -> None:
+    def _write_report(self, selection: Selection, round_index: int) -> Path | None:
+        """Write ``output_dir/spice/round-N.json`` and ``.png`` (main process); returns the PNG's path if written."""
         trainer = self._require_trainer()
         if not self.config.write_reports or not sd.is_main_process():
-            return
+            return None
         folder = Path(_output_dir(trainer.args)) / "spice"
         try:
             folder.mkdir(parents=True, exist_ok=True)
             selection.save(folder / f"round-{round_index}.json")
         except OSError as err:  # a full or read-only disk must not stop training
             logger.warning("spice: could not write the round-%d report to %s: %s", round_index, folder, err)
-            return
+            return None
+        png = folder / f"round-{round_index}.png"
         try:
-            selection.plot(folder / f"round-{round_index}.png")
+            selection.plot(png)
         except ImportError:
             logger.info("spice: matplotlib is not installed; skipping round-%d.png", round_index)
+            return None
         except OSError as err:
             logger.warning("spice: could not write round-%d.png: %s", round_index, err)
+            return None
+        return png
 
     # --- checkpoints -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -407,6 +410,43 @@ class SpiceDataCallback(TrainerCallback):
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
+
+def count_selected_examples(trainer: Trainer, callback: SpiceDataCallback) -> None:
+    """Make the trainer count the rows it draws, not the whole dataset, in its throughput figures.
+
+    `Trainer.num_examples` returns ``len(dataloader.dataset)``, which sets "Num examples" in the training
+    banner and ``train_samples_per_second`` (10x too high at a 10 % budget). For a dataloader that draws from
+    the SPICE sampler it returns the sampler's length (rows drawn per epoch) instead; other dataloaders
+    (evaluation) are counted as before.
+    """
+    original = trainer.num_examples
+
+    def num_examples(dataloader: Any) -> int:
+        sampler = callback.sampler
+        if sampler is not None and _draws_from(dataloader, sampler):
+            return len(sampler)
+        return original(dataloader)
+
+    trainer.num_examples = num_examples  # type: ignore[method-assign]
+
+
+def _draws_from(dataloader: Any, sampler: Sampler[int]) -> bool:
+    """Whether ``sampler`` is in ``dataloader``'s sampler chain (through accelerate's shard wrappers)."""
+    seen: set[int] = set()
+    frontier = [dataloader]
+    for _ in range(6):
+        found = []
+        for obj in frontier:
+            for name in ("sampler", "batch_sampler", "base_dataloader"):
+                child = getattr(obj, name, None)
+                if child is sampler:
+                    return True
+                if child is not None and id(child) not in seen:
+                    seen.add(id(child))
+                    found.append(child)
+        frontier = found
+    return False
 
 
 def _find_owning_trainer(callback: SpiceDataCallback) -> Trainer | None:
