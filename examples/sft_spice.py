@@ -5,14 +5,15 @@ Offline by default: a tiny randomly initialised Llama and a generated prompt-com
 
     python examples/sft_spice.py
 
-On your own model and data (local paths only; nothing is downloaded):
+On your own model and data (local paths or Hub ids; Hub ids are downloaded unless HF_HUB_OFFLINE=1):
 
     python examples/sft_spice.py --model path/to/model --dataset pool.jsonl --budget 0.1 --output-dir out
 
-``--model`` is a folder written by ``save_pretrained``: a causal LM (a LoRA adapter is added with PEFT, as
-usual with ``SFTTrainer(peft_config=...)``) or a PEFT adapter folder whose base model is a local folder (that
-adapter is trained and measured). ``--dataset`` is a .jsonl/.json/.csv/.parquet file or a ``save_to_disk``
-folder with rows ``{"prompt", "completion"}`` (loss on the completion) or ``{"messages"}`` (chat).
+``--model`` is a folder written by ``save_pretrained`` or a Hub id: a causal LM (a LoRA adapter is added with
+PEFT, as usual with ``SFTTrainer(peft_config=...)``) or a PEFT adapter (that adapter is trained and measured).
+``--dataset`` is a .jsonl/.json/.csv/.parquet file, a folder of such files, a ``save_to_disk`` folder or a Hub
+dataset id, with rows ``{"prompt", "completion"}`` (loss on the completion), ``{"messages"}`` (chat) or
+``{"text"}``.
 
 Afterwards ``callback.selected_rows`` are the rows of your dataset that were trained on;
 ``OUTPUT_DIR/spice/round-N.json`` (and ``.png`` with matplotlib) hold each selection round
@@ -24,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local paths only: never reach the hub
 
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
@@ -38,41 +36,37 @@ from trl import SFTConfig, SFTTrainer
 from spice_trainer import SpiceConfig, SpiceDataCallback
 
 
-def load_rows(path: str) -> Dataset:
-    """A training dataset from a local file or a ``save_to_disk`` folder."""
-    if Path(path).is_dir():
-        loaded = load_from_disk(path)
+def load_rows(source: str) -> Dataset:
+    """A training dataset from a local file, a folder of files, a ``save_to_disk`` folder or a Hub dataset id."""
+    path = Path(source)
+    if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
+        loaded = load_from_disk(source)
         return loaded["train"] if hasattr(loaded, "keys") else loaded
-    suffix = Path(path).suffix.lstrip(".")
-    builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(suffix)
-    if builder is None or not Path(path).is_file():
-        raise SystemExit(f"--dataset {path!r}: expected a .jsonl/.json/.csv/.parquet file or a save_to_disk folder")
-    return load_dataset(builder, data_files=path, split="train")
+    if path.is_file():
+        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(path.suffix.lstrip("."))
+        if builder is None:
+            raise SystemExit(f"--dataset {source!r}: expected a .jsonl/.json/.csv/.parquet file")
+        return load_dataset(builder, data_files=source, split="train")
+    return load_dataset(source, split="train")  # a folder of data files or a Hub dataset id
 
 
-def load_local_model(path: str) -> tuple[Any, Any, bool]:
-    """``(model, tokenizer, has_adapter)`` from a local model folder or a PEFT adapter folder."""
+def load_model(name: str) -> tuple[Any, Any, bool]:
+    """``(model, tokenizer, has_adapter)`` from a local folder or a Hub id: a causal LM or a PEFT adapter."""
+    from peft import AutoPeftModelForCausalLM, PeftConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise SystemExit(f"--model {path!r}: not a folder; pass a local folder written by save_pretrained")
-    adapter_config = folder / "adapter_config.json"
-    if adapter_config.is_file():
-        from peft import PeftModel
-
-        base_path = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if not base_path or not Path(base_path).is_dir():
-            raise SystemExit(
-                f"--model {path!r} is a PEFT adapter whose base model {base_path!r} is not a local folder; point "
-                "base_model_name_or_path in adapter_config.json at a local copy"
-            )
-        base = AutoModelForCausalLM.from_pretrained(base_path)
-        model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
-        has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer = AutoTokenizer.from_pretrained(str(folder) if has_tokenizer else base_path)
-        return model, tokenizer, True
-    return AutoModelForCausalLM.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder)), False
+    try:
+        base = PeftConfig.from_pretrained(name).base_model_name_or_path
+    except (OSError, ValueError):
+        base = None  # not an adapter
+    if base is None:
+        return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name), False
+    model = AutoPeftModelForCausalLM.from_pretrained(name, is_trainable=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError):
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    return model, tokenizer, True
 
 
 def toy_model_and_data(rows: int, seed: int) -> tuple[Any, Any, Dataset]:
@@ -88,8 +82,8 @@ def toy_model_and_data(rows: int, seed: int) -> tuple[Any, Any, Dataset]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="local model or PEFT adapter folder (default: a tiny in-process toy model)")
-    parser.add_argument("--dataset", help="local training data file or folder (default: a generated pool)")
+    parser.add_argument("--model", help="model or PEFT adapter: folder or Hub id (default: a tiny in-process toy)")
+    parser.add_argument("--dataset", help="training data: file, folder or Hub id (default: a generated pool)")
     parser.add_argument("--output-dir", default="sft_spice_output")
     parser.add_argument("--budget", type=float, default=0.1, help="fraction of the pool (<= 1) or a row count")
     parser.add_argument("--reselect-every-steps", type=int, default=None, help="select again every N steps")
@@ -111,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer, dataset = toy_model_and_data(opts.toy_rows, opts.seed)
         learning_rate, max_length, use_cpu = 5e-3, 64, True
     else:
-        model, tokenizer, has_adapter = load_local_model(opts.model)
+        model, tokenizer, has_adapter = load_model(opts.model)
         dataset = load_rows(opts.dataset)
         learning_rate, max_length = opts.learning_rate, opts.max_length
         use_cpu = opts.cpu or not torch.cuda.is_available()
