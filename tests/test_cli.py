@@ -120,7 +120,7 @@ def test_the_command_picks_the_rows_the_callback_trains_on(
     assert indices == callback.selected_rows and len(indices) == 6
     assert Selection.load(out / "selection.json").gains == callback.selection.gains  # bit-identical features
 
-    chosen = datasets.load_dataset("json", data_files=str(out / "selected.jsonl"), split="train")
+    chosen = datasets.load_dataset("json", data_files=str(out / "selected" / "train.jsonl"), split="train")
     assert chosen["spice_row"] == indices
     assert [{k: chosen[i][k] for k in rows[0]} for i in range(6)] == [rows[i] for i in indices]
     # JSON lines carry 15 decimals (pandas' most): within half a unit of the 15th decimal.
@@ -151,7 +151,7 @@ def test_a_plain_model_gets_the_default_lora_and_says_so(
     model.peft_config["default"].base_model_name_or_path = str(saved_model)
     callback = _callback_picks(model, rows, tmp_path)
     assert json.loads((out / "indices.json").read_text()) == callback.selected_rows
-    chosen = datasets.Dataset.from_parquet(str(out / "selected.parquet"))
+    chosen = datasets.Dataset.from_parquet(str(out / "selected" / "train.parquet"))
     assert chosen["spice_row"] == callback.selected_rows
 
 
@@ -191,7 +191,7 @@ def test_push_to_hub_is_refused_offline_and_calls_datasets_online(
     assert cli.main(argv) == 2  # conftest sets HF_HUB_OFFLINE=1
     err = capsys.readouterr().err
     assert "--push-to-hub me/picks: HF_HUB_OFFLINE=1 is set" in err
-    assert (out / "selected.jsonl").is_file()  # saved before the refusal
+    assert (out / "selected" / "train.jsonl").is_file()  # saved before the refusal
 
     # Online: the network boundary (Dataset.push_to_hub) receives the selection dataset.
     import huggingface_hub.constants
@@ -234,7 +234,8 @@ def test_select_errors_name_the_problem(saved_model: Path, tmp_path: Path, capsy
     err = run(str(bad))
     assert "['answer', 'question']" in err and "'prompt' and 'completion'" in err and "'text'" in err
     good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "add 1 2 =", "completion": " 3"}])
-    assert "HF_HUB_OFFLINE=1 forbids downloading it" in run(str(good), str(tmp_path / "nomodel"))
+    assert "nomodel is not a local model directory (no such folder)" in run(str(good), str(tmp_path / "nomodel"))
+    assert "forbids downloading it" in run(str(good), "someone/not-cached")
     assert "budget=2 exceeds the pool size" in run(str(good), str(saved_model), "--spice-budget", "2")
     assert "--spice_stop_ratio: stop_ratio must be in [0, 1)" in run(
         str(good), str(saved_model), "--spice-stop-ratio", "2"

@@ -4,6 +4,7 @@ agreement report, and rounds through SpiceDataCallback on a real Trainer."""
 import copy
 import json
 import logging
+import math
 import weakref
 
 import pytest
@@ -355,13 +356,31 @@ def test_a_proxy_of_another_family_warns(caplog):
 # --- agreement ----------------------------------------------------------------------------------------
 
 
-def test_spearman_matches_scipy_with_ties():
-    stats = pytest.importorskip("scipy.stats")
+def _average_ranks(v):
+    """1-based ranks, ties sharing their average rank (the textbook definition, written out as the reference)."""
+    order = sorted(range(len(v)), key=lambda i: v[i])
+    ranks = [0.0] * len(v)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return torch.tensor(ranks, dtype=torch.float64)
+
+
+def test_spearman_is_the_pearson_correlation_of_average_ranks():
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 6, (40,), generator=gen).double()  # many ties
     y = x + torch.randn(40, generator=gen, dtype=torch.float64)
-    assert spearman(x, y) == pytest.approx(stats.spearmanr(x.numpy(), y.numpy()).statistic, rel=1e-12)
+    rx, ry = _average_ranks(x.tolist()), _average_ranks(y.tolist())
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    expected = float((rx * ry).sum() / (rx.norm() * ry.norm()))
+    assert spearman(x, y) == pytest.approx(expected, rel=1e-12)
     assert spearman(x, -x) == pytest.approx(-1.0)
+    assert math.isnan(spearman(torch.ones(5), x[:5])) and math.isnan(spearman(x[:1], y[:1]))
 
 
 def test_agreement_of_a_proxy_identical_to_the_target_is_perfect():

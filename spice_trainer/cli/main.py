@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         "selected by SpiceDataCallback's first round, exactly as at the start of training with the same model, "
         "adapter, data, --max-length and --spice-* settings (the flags and YAML keys of spice_trainer."
         "SpiceArguments). Writes indices.json (rows of the dataset), the chosen rows with their scores "
-        "(selected.jsonl / .parquet / selected/), selection.json and selection.png to --out.",
+        "(selected/train.jsonl, selected/train.parquet or a save_to_disk folder selected/), selection.json and "
+        "selection.png to --out.",
     )
     for action in sel._actions:  # argparse keeps a parser's actions there; hide the flags select ignores
         if action.dest in _HIDDEN_SPICE_FLAGS:

@@ -93,16 +93,20 @@ def check_columns(columns: list[str]) -> str:
 
 
 def save_selection_dataset(dataset: Any, out: Path, fmt: str) -> Path:
-    """Write the selection dataset through `datasets`: ``selected.jsonl``, ``selected.parquet`` or ``selected/``."""
+    """Write the selection dataset through `datasets` into ``out/selected/``: ``train.jsonl``, ``train.parquet``
+    or a ``save_to_disk`` folder. A folder of its own, so that ``load_dataset("out/selected")`` (and TRL's
+    ``--dataset_name out/selected``) reads it back."""
+    folder = out / "selected"
+    folder.mkdir(parents=True, exist_ok=True)
     if fmt == "jsonl":
-        path = out / "selected.jsonl"
+        path = folder / "train.jsonl"
         # pandas writes 10 decimals by default; 15 is its most (exact in selection.json, which keeps every digit).
         dataset.to_json(str(path), lines=True, force_ascii=False, double_precision=15)
     elif fmt == "parquet":
-        path = out / "selected.parquet"
+        path = folder / "train.parquet"
         dataset.to_parquet(str(path))
     else:
-        path = out / "selected"
+        path = folder
         dataset.save_to_disk(str(path))
     return path
 

@@ -190,7 +190,8 @@ def select_from_features(
         config=config.to_dict(),
         metadata=metadata,
     )
-    logger.info(
+    # DEBUG: the callback and the command line write one line per round with these numbers (and the exclusions).
+    logger.debug(
         "spice: picked %d (+%d initial) of %d in %.2fs, stop=%s",
         len(indices),
         len(init),

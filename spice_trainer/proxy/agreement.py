@@ -59,7 +59,7 @@ class Agreement:
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman's ρ of two ``(m,)`` samples: Pearson correlation of their ranks (ties get average ranks).
+    """Spearman's ρ of two ``(m,)`` samples (`scipy.stats.spearmanr`: ties get average ranks).
 
     NaN when ``m < 2`` or either sample is constant.
     """
@@ -69,16 +69,13 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
         )
     if x.numel() < 2:
         return float("nan")
-    rx, ry = _average_ranks(x.double()), _average_ranks(y.double())
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = float(rx.norm() * ry.norm())
-    return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
+    import warnings
 
+    from scipy import stats
 
-def _average_ranks(v: torch.Tensor) -> torch.Tensor:
-    _, inverse, counts = torch.unique(v, return_inverse=True, return_counts=True)
-    last = counts.cumsum(0).double()  # 1-based rank of each distinct value's last occurrence
-    return (last - (counts.double() - 1) / 2)[inverse]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)  # NaN is the documented answer
+        return float(stats.spearmanr(x.double().cpu().numpy(), y.double().cpu().numpy()).statistic)
 
 
 def probe_rows(n: int, config: SpiceConfig, size: int = PROBE_SIZE) -> list[int]:
