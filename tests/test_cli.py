@@ -209,6 +209,31 @@ def test_push_to_hub_is_refused_offline_and_calls_datasets_online(
     assert "pushed the selection dataset to https://huggingface.co/datasets/me/picks" in capsys.readouterr().out
 
 
+def test_select_reads_the_training_yaml(saved_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--config`` takes the YAML of the training run (TRL's keys + spice_*): the same picks as the flags."""
+    data = _write_jsonl(tmp_path / "pool.jsonl", _formats()["prompt-completion"])
+    yaml_path = tmp_path / "train.yaml"
+    yaml_path.write_text(
+        f"model_name_or_path: {saved_model}\ndataset_name: {data}\nmax_length: 64\nlearning_rate: 2.0e-4\n"
+        "use_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_target_modules: all-linear\n"
+        "spice_budget: 6\nspice_proj_dim: 32\nspice_min_loss: null\nspice_reselect_every_steps: 200\n"
+    )
+    out_yaml, out_flags = tmp_path / "yaml", tmp_path / "flags"
+    assert cli.main(["select", "--config", str(yaml_path), "--out", str(out_yaml), "--quiet"]) == 0
+    assert "added a LoRA adapter (r=4, lora_alpha=8" in capsys.readouterr().out
+    argv = ["select", "--model", str(saved_model), "--dataset", str(data), "--out", str(out_flags), "--quiet"]
+    argv += ["--max-length", "64", "--lora-r", "4", "--lora-alpha", "8", *SPICE_FLAGS]
+    assert cli.main(argv) == 0
+    picks = json.loads((out_flags / "indices.json").read_text())
+    assert json.loads((out_yaml / "indices.json").read_text()) == picks and len(picks) == 6
+    # A flag overrides the YAML; a misspelt spice_ key is refused rather than ignored.
+    assert cli.main(["select", "--config", str(yaml_path), "--out", str(out_yaml), "--spice-budget", "3"]) == 0
+    assert len(json.loads((out_yaml / "indices.json").read_text())) == 3
+    yaml_path.write_text(yaml_path.read_text() + "spice_budgte: 0.2\n")
+    assert cli.main(["select", "--config", str(yaml_path), "--out", str(out_yaml)]) == 2
+    assert "unknown SPICE key 'spice_budgte'" in capsys.readouterr().err
+
+
 def test_paper_preset_keeps_only_the_given_flags() -> None:
     parser = cli.build_parser()
     argv = ["select", "--model", "m", "--dataset", "d", "--out", "o", "--paper", "--spice-budget", "0.2"]

@@ -268,9 +268,10 @@ def test_trainer_two_ranks_select_like_one_process(tmp_path: Path) -> None:
     """`Trainer` + `SpiceDataCallback` under torchrun with 2 gloo processes (gather-then-greedy): the same
     selection on both ranks, equal to `select` in this single process on the same model, data and
     collator; the two ranks' dataloaders together yield exactly the selected rows; only rank 0 reports."""
-    torchrun("trainer_run.py", 2, str(tmp_path), "{}")
+    output = torchrun("trainer_run.py", 2, str(tmp_path), "{}")
     ranks = _per_rank(tmp_path, 2)
     expected = _reference_selection({})
+    assert output.count("spice: round 0 selected 12 of 48 rows") == 1  # one console line, from rank 0
     for res in ranks:
         assert res["world"] == 2
         (only_round,) = res["rounds"]

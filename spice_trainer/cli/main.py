@@ -84,7 +84,7 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> SpiceConf
         raise CliError(str(err)) from err
     if not args.paper:
         return config
-    given = _given_spice_fields(argv)
+    given = sorted({*_given_spice_fields(argv), *getattr(args, "config_spice_fields", [])})
     try:
         return SpiceConfig.paper(**{name: getattr(config, name) for name in given})
     except (TypeError, ValueError) as err:
@@ -114,8 +114,13 @@ def _given_spice_fields(argv: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``spice-trainer`` argument parser (subcommands are `HfArgumentParser`s, as in TRL's own CLI)."""
+def build_parser(select_config: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The ``spice-trainer`` argument parser (subcommands are `HfArgumentParser`s, as in TRL's own CLI).
+
+    Args:
+        select_config: the keys of a training YAML (``select --config FILE``) that become ``select``'s defaults:
+            see `config_defaults`.
+    """
     parser = argparse.ArgumentParser(
         prog="spice-trainer",
         description="SPICE data selection for instruction tuning: pick the most informative, least "
@@ -211,7 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads for the run (default: torch's); 1 is fastest on a shared or small CPU",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--config",
+        metavar="YAML",
+        help="the YAML of your TRL training run (TrlParser's --config): model_name_or_path, dataset_name, "
+        "dataset_config, dataset_train_split, max_length, lora_* and spice_* keys become the defaults of the "
+        "flags above (flags given here override them); the training keys are ignored",
+    )
     sel.set_defaults(func=lambda args, argv: run_select(args, config_from_args(args, argv)))
+    if select_config:
+        defaults = config_defaults(select_config)
+        for action in sel._actions:
+            if action.dest in defaults:
+                action.required = False  # given by the YAML (TrlParser does the same)
+        sel.set_defaults(**defaults, config_spice_fields=[k[len(PREFIX) :] for k in defaults if k.startswith(PREFIX)])
 
     rep = commands.add_parser(
         "report",
@@ -223,6 +241,60 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="where to write the report (default: the folder of the rounds)")
     rep.set_defaults(func=lambda args, argv: run_report(args))
     return parser
+
+
+#: Keys of a TRL training YAML and the ``select`` option each one sets.
+YAML_KEYS = {
+    "model_name_or_path": "model",
+    "dataset_name": "dataset",
+    "dataset_config": "dataset_config",
+    "dataset_train_split": "split",
+    "max_length": "max_length",
+    "lora_r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "lora_target_modules": "lora_target_modules",
+}
+
+
+def config_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``select``'s defaults from a training YAML: `YAML_KEYS` and every ``spice_*`` key of `SpiceArguments`.
+
+    Raises:
+        CliError: a ``spice_*`` key that `SpiceArguments` does not have (a typo would otherwise be ignored).
+    """
+    spice_fields = {f.name for f in dataclasses_fields(SpiceArguments)}
+    defaults: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in YAML_KEYS:
+            if key == "lora_target_modules" and isinstance(value, str):
+                value = [value]
+            defaults[YAML_KEYS[key]] = value
+        elif key.startswith(PREFIX) or key == "use_spice":
+            if key not in spice_fields:
+                raise CliError(f"--config: unknown SPICE key {key!r}; the keys are the SpiceArguments fields")
+            if key not in _HIDDEN_SPICE_FLAGS:
+                defaults[key] = value
+    return defaults
+
+
+def _read_config(argv: list[str]) -> tuple[list[str], dict[str, Any] | None]:
+    """``argv`` without ``--config FILE`` (of ``select``), and the YAML mapping it names."""
+    if "select" not in argv or "--config" not in argv:
+        return argv, None
+    import yaml
+
+    index = argv.index("--config")
+    if index + 1 >= len(argv):
+        raise CliError("--config needs a YAML file")
+    path = Path(argv[index + 1])
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise CliError(f"--config: could not read {path}: {err}") from err
+    if not isinstance(loaded, dict):
+        raise CliError(f"--config: {path} must hold a YAML mapping (key: value lines)")
+    return argv[:index] + argv[index + 2 :], loaded
 
 
 def _optional_int(text: str) -> int | None:
@@ -237,7 +309,12 @@ def _optional_int(text: str) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spice-trainer`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    try:
+        argv, select_config = _read_config(argv)
+        parser = build_parser(select_config)
+    except CliError as err:
+        print(f"spice-trainer select: error: {err}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -282,7 +282,7 @@ class SpiceDataCallback(TrainerCallback):
         # `Selection.to_dataset(user_dataset)` returns, and what the round report names.
         selection.metadata["source_rows"] = source_rows(trainer, self._dataset, selection.selected)
         self._pending_logs.append(round_metrics(selection, round_index=record.round))
-        if sd.is_main_process():
+        if trainer.is_world_process_zero():
             logger.info(round_line(selection, round_index=record.round, step=step))
         plot = self._write_report(selection, record.round)
         self._pending_plots.append((selection, record.round, step, plot))
@@ -299,7 +299,7 @@ class SpiceDataCallback(TrainerCallback):
         for logs in pending:
             trainer.log(logs)
         trainer.control.should_log = should_log
-        if sd.is_main_process():
+        if trainer.is_world_process_zero():
             # After trainer.log: the trackers of report_to are set up by now (the first round runs before).
             for selection, round_index, step, plot in plots:
                 send_to_trackers(trainer, selection, round_index=round_index, step=step, plot=plot)
@@ -307,7 +307,7 @@ class SpiceDataCallback(TrainerCallback):
     def _write_report(self, selection: Selection, round_index: int) -> Path | None:
         """Write ``output_dir/spice/round-N.json`` and ``.png`` (main process); returns the PNG's path if written."""
         trainer = self._require_trainer()
-        if not self.config.write_reports or not sd.is_main_process():
+        if not self.config.write_reports or not trainer.is_world_process_zero():
             return None
         folder = Path(_output_dir(trainer.args)) / "spice"
         try:
