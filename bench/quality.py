@@ -1,324 +1,366 @@
-"""Quality benchmark: does a SPICE-chosen 10 % train as well as the full pool, and better than random 10 %?
+"""Quality benchmark suite: which rows does each selection method pick, and how well does a model trained on them do?
 
-World: `spice_trainer.demo.world` — a tiny Llama pretrained on easy instruction rows (and a few hard ones), a
-candidate pool with hidden row kinds (clean / redundant / mislabeled / conflicting / junk) in two
-scenarios (``curated``: 8 % noise, ``noisy``: 50 %), and a clean held-out test set per task.
+Worlds (`spice_trainer.demo.worlds`): nine synthetic instruction worlds, each a tiny pretrained Llama, a candidate
+pool with hidden row kinds (clean / solved / almost / surprising / prior / duplicate) in a ``curated`` (8-10 %
+wrong labels) and a ``noisy`` (45-50 %) scenario, a clean held-out test set and a trusted reference set per task.
+Defaults are chosen on ``base``, ``prior`` and ``almost``; the other six are held out (docs/quality.md).
 
-Methods (each trains a fresh LoRA on the rows it chose):
+Methods (`spice_trainer.demo.compare`): full, random, random-clean (oracle), fisher, paper, paper-nostop,
+defaults (``SpiceConfig(budget=0.1)`` in a plain ``Trainer`` through ``SpiceDataCallback``), small-loss,
+grad-norm, less, and any ``--variant NAME=field:value,...``. Every method trains a fresh LoRA with one
+`transformers.Trainer` loop and one set of hyperparameters, for the world's number of epochs over its own rows.
 
-* ``full``          every row of the pool;
-* ``random``        a uniformly random 10 %;
-* ``fisher``        plain Fisher log-det greedy 10 %: ``SpiceConfig(conflict_weight=0, stop_ratio=None,
-  feature_norm="none", min_loss=None, max_loss_quantile=None)``;
-* ``paper``         the paper-exact preset ``SpiceConfig.paper(budget=0.1)`` (early stopping on);
-* ``ours``          the library defaults ``SpiceConfig(budget=0.1)`` (raw gradients, λ = 0.1, the small-loss
-  guard: rows above ``min_loss`` whose loss is in their lowest ``max_loss_quantile``, never fewer than the budget);
-* any ``--variant NAME=field:value,...`` (a `SpiceConfig` with those fields changed from the defaults).
+Reported per world and scenario over seeds: exact-match accuracy (mean ± sd), the paired difference to
+``random``, rows used, select/train seconds, and the per-kind composition of the picks. Writes ``results.json``,
+``records.jsonl`` (one line per run, so an interrupted suite resumes with ``--resume``), ``table.md`` and, per
+world, ``<world>/table.md`` and ``<world>/accuracy.png`` under ``--out``.
 
-Training protocol: the same number of *epochs* for every method (``--epochs``, default 20) over its own
-rows, with the same learning rate, batch size, schedule and seed. This is what `SpiceDataCallback`
-does (``num_train_epochs`` are passes over the selected subset) and what the paper does; a 10 % subset
-therefore takes ~10x fewer optimizer steps than the full pool. 20 epochs bring every 10 % subset to a
-training loss near zero, so no subset loses for lack of steps (the full pool gets 10x the compute).
+    python bench/quality.py                                   # the whole suite, 3 seeds
+    python bench/quality.py --worlds base,prior,almost        # the worlds that choose the defaults
+    python bench/quality.py --quick --worlds base             # development: 2 seeds, small pools
+    python bench/quality.py --variant v1=stop_ratio:0.3 --methods random,defaults
+    python bench/quality.py --curve --worlds base             # accuracy against selected size, stop marked
+    python bench/quality.py --dataset data.jsonl --model ./my-model [--eval-dataset held.jsonl]
 
-Reported per scenario and method, mean ± sample std over seeds: exact-match accuracy on the held-out
-set, rows used, share of clean rows, share of corrupted rows, selection seconds (gradients + greedy),
-training seconds. Writes ``results.json``, ``table.md`` and plots (``accuracy.png``, ``gains.png``,
-``conflicts.png``) to ``--out``.
-
-    python bench/quality.py                 # 3 seeds, pools of 2000 rows: ~10-15 min on 2 CPU cores
-    python bench/quality.py --quick         # 2 seeds, pools of 1000 rows: ~3-4 min
+Base models are cached under ``bench/results/world_cache/`` (keyed by the world's pretraining fields and seed).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
-import statistics
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from spice_trainer.config import SpiceConfig
-from spice_trainer.demo import world
-from spice_trainer.demo.toy import add_lora
-from spice_trainer.pipeline import select
+from spice_trainer.demo import compare
+from spice_trainer.demo import world as demo_world
+from spice_trainer.demo import worlds as W
 
-BASE_METHODS = ("full", "random", "fisher", "paper", "ours")
-# Shared with the demo: the base model has seen a few hard rows (see spice_trainer.cli.WORLD_OPTIONS).
-WORLD_OPTIONS: dict[str, Any] = {"pretrain_hard_share": 0.03}
-
-
-def method_config(name: str, seed: int, variants: dict[str, dict[str, Any]]) -> SpiceConfig | None:
-    """The `SpiceConfig` of a SPICE method (``None`` for ``full`` and ``random``)."""
-    if name == "fisher":
-        # Plain Fisher greedy: raw gradients, no conflict term, no early stopping, no loss guard.
-        return SpiceConfig(
-            budget=0.1,
-            conflict_weight=0.0,
-            stop_ratio=None,
-            feature_norm="none",
-            min_loss=None,
-            max_loss_quantile=None,
-            seed=seed,
-        )
-    if name == "paper":
-        return SpiceConfig.paper(budget=0.1, seed=seed)
-    if name == "ours":
-        return SpiceConfig(budget=0.1, seed=seed)
-    if name in variants:
-        return SpiceConfig(budget=0.1, seed=seed, **variants[name])
-    return None
+DEFAULT_OUT = "bench/results/quality"
+CACHE_DIR = "bench/results/world_cache"
+CURVE_SIZES: tuple[float, ...] = (0.025, 0.05, 0.1, 0.2, 0.4)
+# --quick: smaller pools (per world), 2 seeds, 50 test rows per task.
+QUICK_POOL: dict[str, int] = {"large-pool": 4000, "large-model": 300}
+QUICK_POOL_DEFAULT = 400
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``"q80=max_loss_quantile:0.8,feature_norm:none"`` -> ``("q80", {...})``."""
-    name, _, spec = text.partition("=")
-    fields: dict[str, Any] = {}
-    for item in filter(None, spec.split(",")):
-        key, _, raw = item.partition(":")
-        value: Any
-        if raw.lower() == "none" and key not in ("feature_norm",):  # feature_norm="none" is a string value
-            value = None
-        else:
-            try:
-                value = int(raw)
-            except ValueError:
-                try:
-                    value = float(raw)
-                except ValueError:
-                    value = raw
-        fields[key] = value
-    SpiceConfig(**fields)  # validate now, not after ten minutes of training
-    return name, fields
+def pool_size_for(spec: W.WorldSpec, args: argparse.Namespace) -> int:
+    if args.pool_size:
+        return int(args.pool_size)
+    if args.quick:
+        return QUICK_POOL.get(spec.name, QUICK_POOL_DEFAULT)
+    return spec.pool_size
 
 
-def run_one(
-    base: Any,
-    tokenizer: Any,
-    pool: world.Pool,
-    tests: dict[str, list[dict[str, str]]],
-    method: str,
-    *,
-    seed: int,
-    epochs: float,
-    variants: dict[str, dict[str, Any]],
-    out: Path,
-    scenario: str,
-) -> dict[str, Any]:
-    """Select (if a SPICE method), fine-tune a fresh LoRA on the chosen rows, evaluate."""
-    model = add_lora(copy.deepcopy(base), r=8, alpha=16, init_b_random=False, seed=seed)
-    n = len(pool)
-    config = method_config(method, seed, variants)
-    record: dict[str, Any] = {"scenario": scenario, "method": method, "seed": seed}
-    select_seconds = 0.0
-    if method == "full":
-        indices = list(range(n))
-    elif method == "random":
-        budget = SpiceConfig(budget=0.1).budget_count(n)
-        gen = torch.Generator(device="cpu").manual_seed(10_000 + seed)
-        indices = torch.randperm(n, generator=gen)[:budget].tolist()
-    else:
-        rows = world.tokenize_rows(tokenizer, pool.rows)
-        start = time.perf_counter()
-        assert config is not None, f"unknown method {method!r}"
-        selection = select(model, rows, config, show_progress=False)
-        select_seconds = time.perf_counter() - start
-        indices = selection.selected
-        selection.metadata["kinds"] = [pool.kinds[i] for i in selection.indices]
-        selection.save(out / "selections" / f"{scenario}-{method}-seed{seed}.json")
-        record.update(
-            stop_reason=selection.stop_reason,
-            gains=selection.gains,
-            conflicts=selection.conflicts,
-            excluded_by_loss_guard=selection.metadata.get("loss_guard_excluded"),
-        )
-    result = world.finetune(model, tokenizer, [pool.rows[i] for i in indices], epochs=epochs, seed=seed, **TRAIN)
-    scores = world.evaluate(model, tokenizer, tests)
-    shares = pool.kind_shares(indices)
-    record.update(
-        rows=len(indices),
-        accuracy=scores["mean"],
-        per_task={k: v for k, v in scores.items() if k != "mean"},
-        clean_share=shares["clean"],
-        corrupted_share=sum(shares[k] for k in world.CORRUPTED_KINDS),
-        kind_shares=shares,
-        select_seconds=select_seconds,
-        train_seconds=result.seconds,
-        steps=result.steps,
-        final_loss=result.final_loss,
+def candidates_for(world: W.World, pool: W.WorldPool) -> compare.Candidates:
+    """The pool as a tokenised dataset, its clean rows, and the tokenised reference set."""
+    import datasets
+    from transformers import DataCollatorForSeq2Seq
+
+    tokenizer = world.tokenizer
+    dataset = datasets.Dataset.from_list(compare.tokenize_prompt_completion(tokenizer, pool.rows))
+    reference = datasets.Dataset.from_list(compare.tokenize_prompt_completion(tokenizer, world.reference_rows()))
+    return compare.Candidates(
+        dataset=dataset,
+        collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        clean_rows=pool.indices_of("clean"),
+        reference=reference,
     )
-    return record
 
 
-TRAIN: dict[str, Any] = {"learning_rate": 5e-3, "batch_size": 16}
+def record_for(
+    world: W.World, pool: W.WorldPool, scenario: str, run: compare.MethodRun, scores: dict[str, float]
+) -> dict[str, Any]:
+    selection = run.selection
+    return {
+        "world": world.spec.name,
+        "scenario": scenario,
+        "seed": world.seed,
+        "method": run.method,
+        "pool_size": len(pool),
+        "rows": len(run.rows),
+        "accuracy": scores["mean"],
+        "per_task": {k: v for k, v in scores.items() if k != "mean"},
+        "kinds": pool.kind_shares(run.rows),
+        "details": pool.detail_shares(run.rows),
+        "select_seconds": run.select_seconds,
+        "train_seconds": run.train_seconds,
+        "steps": run.steps,
+        "train_loss": run.train_loss,
+        "stop_reason": selection.stop_reason if selection is not None else None,
+        "gains": selection.gains if selection is not None else None,
+        "scores": selection.scores if selection is not None else None,
+        "picked_kinds": [pool.kinds[i] for i in selection.indices] if selection is not None else None,
+    }
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, sd
+def _key(rec: dict[str, Any]) -> tuple[Any, ...]:
+    return (rec["world"], rec["scenario"], rec["seed"], rec["method"], rec.get("budget"))
 
 
-def summarise(records: list[dict[str, Any]], methods: list[str], scenarios: list[str]) -> list[dict[str, Any]]:
-    """One row per (scenario, method): mean and sample std over seeds."""
-    rows = []
-    for scenario in scenarios:
-        random_acc = [r["accuracy"] for r in records if r["scenario"] == scenario and r["method"] == "random"]
+def load_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# --- the suite ------------------------------------------------------------------------------------
+
+
+def run_suite(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    worlds = _names(args.worlds, W.WORLDS)
+    scenarios = _names(args.scenarios, W.SCENARIO_NAMES)
+    variants = dict(compare.parse_variant(v) for v in args.variant)
+    methods = _methods(args.methods, variants)
+    seeds = list(range(args.seeds or (2 if args.quick else 3)))
+    records_path = out / "records.jsonl"
+    records = load_records(records_path) if args.resume else []
+    if not args.resume:
+        records_path.unlink(missing_ok=True)
+    done = {_key(r) for r in records}
+    for name in worlds:
+        spec = W.WORLDS[name]
+        settings = compare.TrainSettings(epochs=args.epochs or spec.epochs)
+        for seed in seeds:
+            if all((name, s, seed, m, None) in done for s in scenarios for m in methods):
+                continue
+            start = time.perf_counter()
+            world = W.load_world(
+                spec,
+                seed,
+                cache_dir=args.cache_dir,
+                scenarios=scenarios,
+                pool_size=pool_size_for(spec, args),
+                test_rows_per_task=50 if args.quick else None,
+            )
+            base = demo_world.evaluate(world.base_model, world.tokenizer, world.tests)["mean"]
+            print(f"[{name} seed {seed}] world ready in {time.perf_counter() - start:.0f}s, base accuracy {base:.3f}")
+            for scenario in scenarios:
+                pool = world.pools[scenario]
+                candidates = candidates_for(world, pool)
+                for method in compare.available_methods(candidates, methods):
+                    if (name, scenario, seed, method, None) in done:
+                        continue
+                    run = compare.run_method(
+                        world.base_model,
+                        candidates,
+                        method,
+                        budget=0.1,
+                        seed=seed,
+                        settings=settings,
+                        variants=variants,
+                    )
+                    scores = demo_world.evaluate(run.model, world.tokenizer, world.tests)
+                    rec = record_for(world, pool, scenario, run, scores)
+                    rec["base_accuracy"] = base
+                    rec["epochs"] = settings.epochs
+                    records.append(rec)
+                    with records_path.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    _print_run(rec)
+    return [r for r in records if r["world"] in worlds and r.get("budget") is None]
+
+
+def _print_run(rec: dict[str, Any]) -> None:
+    kinds = rec["kinds"]
+    budget = f" budget={rec['budget']:g}" if rec.get("budget") is not None else ""
+    print(
+        f"  {rec['world']:11s} {rec['scenario']:7s} s{rec['seed']} {rec['method']:13s}{budget} rows={rec['rows']:5d} "
+        f"acc={rec['accuracy']:.3f} clean={kinds['clean']:.2f} almost={kinds['almost']:.2f} "
+        f"prior={kinds['prior']:.2f} surpr={kinds['surprising']:.2f} dup={kinds['duplicate']:.2f} "
+        f"noise={kinds['noise']:.2f} select={rec['select_seconds']:.1f}s train={rec['train_seconds']:.1f}s"
+        + (f" stop={rec['stop_reason']}" if rec.get("stop_reason") else ""),
+        flush=True,
+    )
+
+
+def _names(text: str | None, known: Sequence[str] | dict[str, Any]) -> list[str]:
+    names = [s for s in (text or ",".join(known)).split(",") if s]
+    unknown = [s for s in names if s not in known]
+    if unknown:
+        raise SystemExit(f"unknown name(s) {unknown}; known: {', '.join(known)}")
+    return names
+
+
+def _methods(text: str | None, variants: dict[str, Any]) -> list[str]:
+    methods = [m for m in (text or ",".join(compare.METHODS)).split(",") if m]
+    unknown = [m for m in methods if m not in compare.METHODS and m not in variants]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(compare.METHODS)} or a --variant name")
+    return methods + [v for v in variants if v not in methods]
+
+
+# --- tables ---------------------------------------------------------------------------------------
+
+KIND_COLUMNS: tuple[str, ...] = ("clean", "solved", "almost", "surprising", "prior", "duplicate", "noise")
+
+
+def world_tables(records: list[dict[str, Any]], world: str, methods: Sequence[str]) -> str:
+    """The accuracy table and the composition table of one world."""
+    rows, comp = [], []
+    for scenario in W.SCENARIO_NAMES:
+        scoped = [r for r in records if r["world"] == world and r["scenario"] == scenario]
         for method in methods:
-            rs = [r for r in records if r["scenario"] == scenario and r["method"] == method]
+            rs = [r for r in scoped if r["method"] == method]
             if not rs:
                 continue
-            row: dict[str, Any] = {"scenario": scenario, "method": method, "seeds": len(rs)}
-            for key in ("accuracy", "rows", "clean_share", "corrupted_share", "select_seconds", "train_seconds"):
-                row[key], row[key + "_sd"] = _mean_sd([float(r[key]) for r in rs])
-            if random_acc and len(random_acc) == len(rs):
-                # Paired by seed: the same world, pool and test set.
-                diffs = [r["accuracy"] - a for r, a in zip(rs, random_acc, strict=True)]
-                row["vs_random"], row["vs_random_sd"] = _mean_sd(diffs)
-            rows.append(row)
-    return rows
-
-
-def markdown_table(summary: list[dict[str, Any]]) -> str:
-    lines = [
-        "| scenario | method | rows | clean share | corrupted share | accuracy | vs random (paired) "
-        "| select s | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in summary:
-        vs = f"{r['vs_random']:+.3f} ± {r['vs_random_sd']:.3f}" if "vs_random" in r else "n/a"
+            acc = compare.mean_sd([r["accuracy"] for r in rs])
+            vs = compare.paired_difference(scoped, method) if method != "random" else None
+            stops = sorted({r["stop_reason"] for r in rs if r.get("stop_reason")})
+            rows.append(
+                [
+                    scenario,
+                    method,
+                    f"{compare.mean_sd([r['rows'] for r in rs])[0]:.0f}",
+                    f"**{compare.format_pm(acc)}**",
+                    compare.format_pm(vs, signed=True) if method != "random" else "—",
+                    str(len(rs)),
+                    f"{compare.mean_sd([r['select_seconds'] for r in rs])[0]:.1f}",
+                    f"{compare.mean_sd([r['train_seconds'] for r in rs])[0]:.1f}",
+                    ", ".join(stops) or "—",
+                ]
+            )
+            comp.append(
+                [scenario, method] + [f"{compare.mean_sd([r['kinds'][k] for r in rs])[0]:.0%}" for k in KIND_COLUMNS]
+            )
+    base = sorted({(r["seed"], r["base_accuracy"]) for r in records if r["world"] == world})
+    spec = W.WORLDS.get(world)
+    lines = [f"### {world}", ""]
+    if spec is not None:
+        lines.append(f"{spec.description}.")
+    if base:
         lines.append(
-            f"| {r['scenario']} | {r['method']} | {r['rows']:.0f} | {r['clean_share']:.1%} | "
-            f"{r['corrupted_share']:.1%} | **{r['accuracy']:.3f}** ± {r['accuracy_sd']:.3f} | {vs} | "
-            f"{r['select_seconds']:.1f} | {r['train_seconds']:.1f} |"
+            f"Base model accuracy before fine-tuning: {compare.format_pm(compare.mean_sd([b for _, b in base]))}."
         )
+    lines += [
+        "",
+        compare.markdown_table(
+            ["scenario", "method", "rows", "accuracy", "vs random (paired)", "seeds", "select s", "train s", "stop"],
+            rows,
+        ),
+        "",
+        "Composition of the picks (share of each hidden kind; `noise` = wrong labels, copies of noisy rows included):",
+        "",
+        compare.markdown_table(["scenario", "method", *KIND_COLUMNS], comp),
+    ]
     return "\n".join(lines)
 
 
-def plot(records: list[dict[str, Any]], summary: list[dict[str, Any]], out: Path, scenarios: list[str]) -> None:
+def overview_table(records: list[dict[str, Any]], worlds: Sequence[str], methods: Sequence[str]) -> str:
+    """Mean accuracy per world × scenario (rows) and method (columns)."""
+    rows = []
+    for world in worlds:
+        for scenario in W.SCENARIO_NAMES:
+            scoped = [r for r in records if r["world"] == world and r["scenario"] == scenario]
+            if not scoped:
+                continue
+            cells = []
+            for method in methods:
+                rs = [r["accuracy"] for r in scoped if r["method"] == method]
+                cells.append(f"{compare.mean_sd(rs)[0]:.3f}" if rs else "—")
+            rows.append([world, scenario, *cells])
+    return compare.markdown_table(["world", "scenario", *methods], rows)
+
+
+def plot_world(records: list[dict[str, Any]], world: str, methods: Sequence[str], path: Path) -> None:
     try:
         from matplotlib.figure import Figure
     except ImportError:
         print("matplotlib missing: no plots")
         return
-    fig = Figure(figsize=(6 * len(scenarios), 4))
-    axes = fig.subplots(1, len(scenarios), squeeze=False)[0]
-    for ax, scenario in zip(axes, scenarios, strict=True):
-        rows = [r for r in summary if r["scenario"] == scenario]
-        names = [r["method"] for r in rows]
-        ax.bar(names, [r["accuracy"] for r in rows], yerr=[r["accuracy_sd"] for r in rows], capsize=4)
+    fig = Figure(figsize=(12, 4))
+    axes = fig.subplots(1, len(W.SCENARIO_NAMES), squeeze=False)[0]
+    for ax, scenario in zip(axes, W.SCENARIO_NAMES, strict=True):
+        names, means, sds = [], [], []
+        for method in methods:
+            rs = [
+                r["accuracy"]
+                for r in records
+                if r["world"] == world and r["scenario"] == scenario and r["method"] == method
+            ]
+            if rs:
+                mean, sd = compare.mean_sd(rs)
+                names.append(method)
+                means.append(mean)
+                sds.append(sd)
+        ax.bar(names, means, yerr=sds, capsize=3)
+        random = [m for n, m in zip(names, means, strict=True) if n == "random"]
+        if random:
+            ax.axhline(random[0], color="grey", linestyle="--", linewidth=1)
         ax.set_ylim(0, 1)
-        ax.set_title(f"{scenario}: exact match (mean ± sd over seeds)")
-        ax.tick_params(axis="x", rotation=30)
+        ax.set_title(f"{world} / {scenario}: exact match (mean ± sd)")
+        ax.tick_params(axis="x", rotation=40)
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=100)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
 
-    for key, title, name in (
-        ("gains", "gain Δ per pick", "gains.png"),
-        ("conflicts", "conflict c per pick", "conflicts.png"),
-    ):
-        fig = Figure(figsize=(6 * len(scenarios), 4))
-        axes = fig.subplots(1, len(scenarios), squeeze=False)[0]
-        for ax, scenario in zip(axes, scenarios, strict=True):
-            seed0 = min(r["seed"] for r in records)
-            for r in records:
-                if r["scenario"] == scenario and r["seed"] == seed0 and key in r:
-                    ax.plot(range(1, len(r[key]) + 1), r[key], label=r["method"])
-            ax.set_xlabel("pick")
-            ax.set_title(f"{scenario}: {title} (seed {seed0})")
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
+
+def write_suite_report(records: list[dict[str, Any]], out: Path, args: argparse.Namespace, seconds: float) -> str:
+    worlds = [w for w in W.WORLDS if any(r["world"] == w for r in records)]
+    present = {r["method"] for r in records}
+    methods = [m for m in compare.METHODS if m in present] + sorted(present - set(compare.METHODS))
+    header = (
+        f"{len({r['seed'] for r in records})} seeds, budget 10 %, epochs per world as in its spec "
+        f"(--epochs {args.epochs or 'spec'}), run time {seconds / 60:.1f} min on this machine "
+        f"({args.threads} torch thread(s)); pool sizes: "
+        + ", ".join(f"{w} {max(r['pool_size'] for r in records if r['world'] == w)}" for w in worlds)
+    )
+    parts = ["## Overview: mean exact match", "", header, "", overview_table(records, worlds, methods), ""]
+    for world in worlds:
+        text = world_tables(records, world, methods)
+        parts += [text, ""]
+        (out / world).mkdir(parents=True, exist_ok=True)
+        (out / world / "table.md").write_text(text + "\n", encoding="utf-8")
+        plot_world(records, world, methods, out / world / "accuracy.png")
+    report = "\n".join(parts)
+    (out / "table.md").write_text(report + "\n", encoding="utf-8")
+    (out / "results.json").write_text(
+        json.dumps({"settings": vars(args), "seconds": seconds, "records": records}, default=str) + "\n",
+        encoding="utf-8",
+    )
+    return report
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--cache-dir", default=CACHE_DIR, help=f"base-model cache (default {CACHE_DIR})")
+    parser.add_argument("--worlds", help=f"comma-separated worlds (default all: {','.join(W.WORLDS)})")
+    parser.add_argument("--scenarios", help="comma-separated scenarios (default curated,noisy)")
+    parser.add_argument("--methods", help=f"comma-separated methods (default {','.join(compare.METHODS)})")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 3; --quick: 2)")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, small pools, 50 test rows per task")
+    parser.add_argument("--pool-size", type=int, help="rows per pool for every world (default: the world's own)")
+    parser.add_argument("--epochs", type=float, help="epochs over each method's rows (default: the world's own)")
+    parser.add_argument(
+        "--variant", action="append", default=[], help="extra SPICE method NAME=field:value,... (repeatable)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in records.jsonl")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench/results/quality", help="output folder")
-    parser.add_argument("--quick", action="store_true", help="2 seeds, pools of 1000 rows, 50 test rows per task")
-    parser.add_argument("--seeds", type=int, help="number of seeds (default 3; --quick: 2)")
-    parser.add_argument("--pool-size", type=int, help="rows per candidate pool (default 2000; --quick: 1000)")
-    parser.add_argument("--epochs", type=float, default=20.0, help="epochs over each method's rows (default 20)")
-    parser.add_argument("--scenarios", default="curated,noisy", help="comma-separated scenarios")
-    parser.add_argument("--methods", default=",".join(BASE_METHODS), help="comma-separated methods")
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        help="extra SPICE method NAME=field:value,... changed from the defaults (repeatable)",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
-    args = parser.parse_args(argv)
-
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    seeds = list(range(args.seeds or (2 if args.quick else 3)))
-    pool_size = args.pool_size or (1000 if args.quick else 2000)
-    test_rows = 50 if args.quick else 100
-    scenarios = [s for s in args.scenarios.split(",") if s]
-    variants = dict(parse_variant(v) for v in args.variant)
-    methods = [m for m in args.methods.split(",") if m] + list(variants)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    records: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for seed in seeds:
-        t0 = time.perf_counter()
-        tokenizer, base = world.build_world(seed, **WORLD_OPTIONS)
-        tests = world.heldout_set(test_rows, seed=seed)
-        base_acc = world.evaluate(base, tokenizer, tests)["mean"]
-        print(f"seed {seed}: world built in {time.perf_counter() - t0:.1f}s, base accuracy {base_acc:.3f}", flush=True)
-        for scenario in scenarios:
-            pool = world.candidate_pool(pool_size, scenario, seed=seed)
-            for method in methods:
-                rec = run_one(
-                    base,
-                    tokenizer,
-                    pool,
-                    tests,
-                    method,
-                    seed=seed,
-                    epochs=args.epochs,
-                    variants=variants,
-                    out=out,
-                    scenario=scenario,
-                )
-                rec["base_accuracy"] = base_acc
-                records.append(rec)
-                print(
-                    f"  {scenario:8s} {method:10s} rows={rec['rows']:5d} clean={rec['clean_share']:.2f} "
-                    f"corrupted={rec['corrupted_share']:.2f} acc={rec['accuracy']:.3f} "
-                    f"select={rec['select_seconds']:.1f}s train={rec['train_seconds']:.1f}s",
-                    flush=True,
-                )
-    total = time.perf_counter() - start
-    summary = summarise(records, methods, scenarios)
-    table = markdown_table(summary)
-    header = (
-        f"{len(seeds)} seeds, pools of {pool_size} rows, budget 10%, {args.epochs:g} epochs over each method's rows, "
-        f"{test_rows} test rows per task; total {total / 60:.1f} min"
-    )
-    (out / "table.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
-    (out / "results.json").write_text(
-        json.dumps({"settings": vars(args), "records": records, "summary": summary}, indent=1, default=_json) + "\n",
-        encoding="utf-8",
-    )
-    plot(records, summary, out, scenarios)
+    records = run_suite(args, out)
+    seconds = time.perf_counter() - start
+    report = write_suite_report(records, out, args, seconds)
     print()
-    print(header)
-    print(table)
+    print(report)
     return 0
 
 
-def _json(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return str(value)
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

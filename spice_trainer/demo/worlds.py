@@ -178,7 +178,7 @@ class WorldSpec:
     hard_lengths: tuple[int, ...] = (3,)
     task_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     # --- pools ---------------------------------------------------------------------------
-    pool_size: int = 2000
+    pool_size: int = 1000
     curated: Mix = ()
     noisy: Mix = ()
     duplicate_noise_fraction: float = 0.5
@@ -319,7 +319,7 @@ WORLDS: dict[str, WorldSpec] = {
             pretrain_learning_rate=1e-3,
             prior_tasks=("wrap",),
             prior_pretrain_share=0.12,
-            pool_size=1000,
+            pool_size=500,
             curated=_PRIOR_CURATED,
             noisy=_PRIOR_NOISY,
         ),
@@ -327,7 +327,7 @@ WORLDS: dict[str, WorldSpec] = {
             name="large-pool",
             description="a pool of 20,000 rows",
             pool_size=20_000,
-            epochs=10.0,
+            epochs=5.0,
             curated=_BASE_CURATED,
             noisy=_BASE_NOISY,
         ),
