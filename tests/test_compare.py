@@ -87,7 +87,7 @@ def test_method_configs() -> None:
     assert compare.method_config("random", 0.1, {}) is None
     with pytest.raises(ValueError, match="stop_ratio"):
         compare.parse_variant("bad=stop_ratio:2")
-    with pytest.raises(ValueError, match="unexpected keyword|not_a_field"):
+    with pytest.raises(ValueError, match="not_a_field"):
         compare.parse_variant("bad=not_a_field:1")
     with pytest.raises(ValueError, match="built-in method"):
         compare.parse_variant("random=stop_ratio:0.5")
