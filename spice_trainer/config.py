@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 GreedyKind = Literal["exact", "stochastic", "pooled"]
 ModeKind = Literal["grow", "replace"]
-ProjectionKind = Literal["rademacher", "gaussian", "sparse"]
+ProjectionKind = Literal["rademacher", "gaussian", "sparse", "kronecker"]
 FeatureNorm = Literal["none", "unit", "adam"]
 StopOn = Literal["gain", "score"]
 
@@ -43,8 +43,10 @@ class SpiceConfig:
             penalized score Δ − λc.
         proj_dim (`int`, defaults to 256):
             d, the dimension gradients are projected to. Memory for features is ``n × d``.
-        projection (`"rademacher"`, `"gaussian"` or `"sparse"`, defaults to `"rademacher"`):
-            The random projection family (all are Johnson-Lindenstrauss projections).
+        projection (`"rademacher"`, `"gaussian"`, `"sparse"` or `"kronecker"`, defaults to `"rademacher"`):
+            The random projection family (all are Johnson-Lindenstrauss projections). `"kronecker"` projects
+            each LoRA factor's two sides separately (LoGra): ``r``× cheaper than the dense families, the
+            cheapest choice on small models and short rows (`spice_trainer.core.projection`).
         feature_norm (`"none"`, `"unit"` or `"adam"`, defaults to `"none"`):
             How projected gradients are normalised before selection. `"none"` is the paper's raw gradient:
             rows the model already solves have near-zero gradients and are never picked. `"unit"` scales
@@ -150,7 +152,7 @@ class SpiceConfig:
                 )
         _check_choice("stop_on", self.stop_on, ("gain", "score"))
         _check_positive_int("proj_dim", self.proj_dim)
-        _check_choice("projection", self.projection, ("rademacher", "gaussian", "sparse"))
+        _check_choice("projection", self.projection, ("rademacher", "gaussian", "sparse", "kronecker"))
         _check_choice("feature_norm", self.feature_norm, ("none", "unit", "adam"))
         if self.min_loss is not None:
             _check_finite_float("min_loss", self.min_loss, minimum=0.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.core.projection import BlockProjector
+from spice_trainer.core.projection import BlockProjector, make_projector
 from spice_trainer.demo.toy import add_lora, build_model, build_tokenizer
 from spice_trainer.features.gradients import compute_gradient_features, find_lora_weights, gradient_features
 
@@ -38,10 +38,16 @@ def _projector(module, name, config):
 def _reference(model, rows, config):
     """Independent reference: loss.backward() one example at a time, LoRA .grad flattened and projected."""
     _, lora = find_lora_weights(model)
+    # Each weight's dense (D, d) matrix (a Kronecker projector's too, built from its factors), applied to the
+    # flattened .grad: an independent path from the library's per-example products and transposed layouts.
     projectors = [
-        BlockProjector(
-            m.weight.numel(), config.proj_dim, config.projection, config.seed, name.split("base_model.model.")[-1]
-        )
+        make_projector(
+            (m.out_features, m.in_features),
+            config.proj_dim,
+            config.projection,
+            config.seed,
+            name.split("base_model.model.")[-1],
+        ).matrix()
         for name, m in lora
     ]
     model = copy.deepcopy(model)
@@ -54,7 +60,7 @@ def _reference(model, rows, config):
         loss.backward()
         out.append(
             sum(
-                p.project(torch.zeros(1, m.weight.numel()) if m.weight.grad is None else m.weight.grad.reshape(1, -1))
+                (torch.zeros(1, m.weight.numel()) if m.weight.grad is None else m.weight.grad.reshape(1, -1)) @ p
                 for p, (_, m) in zip(projectors, lora, strict=True)
             )[0]
         )
@@ -103,10 +109,20 @@ def test_other_families(family):
     torch.testing.assert_close(got, _reference(model, rows, config), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("projection", ["gaussian", "sparse"])
+@pytest.mark.parametrize("projection", ["gaussian", "sparse", "kronecker"])
 def test_other_projections_match_the_reference(projection):
     model, rows = _model(), _rows(4)
     config = SpiceConfig(proj_dim=32, feature_norm="none", projection=projection)
+    torch.testing.assert_close(
+        gradient_features(model, rows, config), _reference(model, rows, config), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("proj_dim", [30, 3])
+def test_kronecker_features_fold_when_the_rank_does_not_divide_proj_dim(proj_dim):
+    # r = 4: d = 30 folds 4 x 8 = 32 coordinates onto 30; d = 3 < r folds every rank row onto 3 coordinates.
+    model, rows = _model(), _rows(4)
+    config = SpiceConfig(proj_dim=proj_dim, feature_norm="none", projection="kronecker", batch_size=3)
     torch.testing.assert_close(
         gradient_features(model, rows, config), _reference(model, rows, config), rtol=1e-4, atol=1e-5
     )

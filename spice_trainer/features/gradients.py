@@ -11,10 +11,11 @@ Forward hooks capture ``x``, ``h`` and the outputs of every ``lora_A``/``lora_B`
 ``torch.autograd.grad`` call w.r.t. the (small, ``n × T × r``) ``lora_A`` outputs returns every ``δ^A``, and
 tensor hooks on the ``lora_B`` outputs consume each ``δ^B`` as the backward passes it (so the large ones are
 freed as in a plain backward). One ``bmm`` per call gives every example's gradient, which is projected with a
-seeded `BlockProjector` per weight and summed (the projection of the concatenated gradient). No weight
+seeded projector per weight (`spice_trainer.core.projection.make_projector`: dense blockwise, or Kronecker-
+structured) and summed (the projection of the concatenated gradient). No weight
 gradient is formed: ``param.grad``, optimizer state, RNG streams and DDP reducer state are never touched.
 Cost: one batched forward + backward, plus ``O(n·T·D)`` for the per-example gradients and ``O(n·D·d)`` for
-the projection (``D`` = LoRA parameters); memory as a plain training step, plus ``O(n·D)`` transient.
+the projection (``O(n·D·d/r)`` for ``projection="kronecker"``; ``D`` = LoRA parameters); memory as a plain training step, plus ``O(n·D)`` transient.
 
 What is measured, and what not:
 
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.core.projection import BlockProjector
+from spice_trainer.core.projection import Projector, make_projector
 from spice_trainer.features.batches import (
     Collator,
     PadCollator,
@@ -92,8 +93,8 @@ class _LoraWeight:
 
     name: str  # e.g. "base_model.model.layers.0.self_attn.q_proj.lora_A"
     module: nn.Linear  # the lora_A[adapter] or lora_B[adapter] Linear
-    projector: BlockProjector
-    adam_denom: torch.Tensor | None = None  # (1, out·in) on the weight's device, feature_norm="adam" only
+    projector: Projector
+    adam_denom: torch.Tensor | None = None  # (out, in) on the weight's device, feature_norm="adam" only
     # lora_A only: (input, output) of every call in the current forward (usually one; a module called several
     # times gets the sum of its calls' gradients). lora_B calls are consumed during the backward instead.
     calls: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -218,14 +219,14 @@ def compute_gradient_features(
     adapter, lora = find_lora_weights(model, adapter_name)
     _warn_other_trainables(model, {id(m.weight) for _, m in lora})
     adam_denoms = _adam_denominators(optimizer, lora) if config.feature_norm == "adam" else None
-    total_bytes = sum(m.weight.numel() for _, m in lora) * config.proj_dim * 4
+    total_bytes = sum(_weight_shape(m)[0] * _weight_shape(m)[1] for _, m in lora) * config.proj_dim * 4
     cache = total_bytes <= _PROJECTOR_CACHE_BYTES
     weights = [
         _LoraWeight(
             name,
             module,
-            BlockProjector(
-                module.weight.numel(), config.proj_dim, config.projection, config.seed, _stable_key(name), cache=cache
+            make_projector(
+                _weight_shape(module), config.proj_dim, config.projection, config.seed, _stable_key(name), cache=cache
             ),
         )
         for name, module in lora
@@ -244,7 +245,7 @@ def compute_gradient_features(
     bar = _progress(len(batches), show_progress and len(batches) > 1)
     if adam_denoms is not None:
         for w in weights:
-            w.adam_denom = adam_denoms[id(w.module.weight)].to(w.module.weight.device).reshape(1, -1)
+            w.adam_denom = adam_denoms[id(w.module.weight)].to(w.module.weight.device).reshape(_weight_shape(w.module))
     state = _Pass()
     try:
         with _measuring(model, weights, state):
@@ -348,11 +349,13 @@ def _batch_features(
 def _project_call(w: _LoraWeight, x: torch.Tensor, delta: torch.Tensor, state: _Pass) -> None:
     """Add one call's projected per-example gradient to ``state.acc``.
 
-    ``∂ℓ_i/∂W = Σ_t δ_{i,t} x_{i,t}ᵀ`` for every example ``i`` at once, one ``bmm``: ``(n, out, in)``, the
-    weight's own layout, in float32 (a bf16 model's activations are upcast here: the sum over tokens and the
-    projection's sum over ``out × in`` entries keep float32 precision). Materialising it (``n·T·out·in``
-    multiply-adds, then ``n·out·in·d`` for the projection) is ~``d``× cheaper than projecting each token's
-    outer product on the fly (``n·T·out·in·d``).
+    ``∂ℓ_i/∂W = Σ_t δ_{i,t} x_{i,t}ᵀ`` for every example ``i`` at once, one ``bmm`` in float32 (a bf16 model's
+    activations go in as they are on CUDA, with a float32 result; elsewhere they are upcast: the sum over
+    tokens and the projection's sum over ``out × in`` entries keep float32 precision). The product is formed
+    with the LoRA rank as its *rows*, ``(n, r, in)`` for ``A`` and ``(n, r, out)`` (the transpose) for ``B``: a
+    batched product with a short, wide result runs 3-4× faster on CPU than its transpose. Materialising it
+    (``n·T·out·in`` multiply-adds, then ``n·out·in·d`` for a dense projection, ``n·out·in·d/r`` for the
+    Kronecker one) is ~``d``× cheaper than projecting each token's outer product on the fly.
 
     Args:
         x: ``(n, ..., in)`` the call's input (detached). delta: ``(n, ..., out)``, ``∂L/∂(output)``.
@@ -361,12 +364,36 @@ def _project_call(w: _LoraWeight, x: torch.Tensor, delta: torch.Tensor, state: _
     if acc is None:  # pragma: no cover - hooks only fire inside _batch_features
         return
     bsz = state.batch_size
-    x3 = x.reshape(bsz, -1, x.shape[-1]).float()
-    g3 = delta.reshape(bsz, -1, delta.shape[-1]).float()
-    grad = torch.bmm(g3.transpose(1, 2), x3).reshape(bsz, -1)
+    x3 = x.reshape(bsz, -1, x.shape[-1])
+    g3 = delta.reshape(bsz, -1, delta.shape[-1])
+    transposed = g3.shape[-1] > x3.shape[-1]  # out > in: LoRA B, whose rank is its input
+    # (n, in, out) = per-example (∂ℓ/∂W)ᵀ for B; (n, out, in) for A.
+    grad = _bmm_float32(x3.transpose(1, 2), g3) if transposed else _bmm_float32(g3.transpose(1, 2), x3)
     if w.adam_denom is not None:
-        grad = grad / w.adam_denom
-    acc += w.projector.project(grad).to(acc.device)  # a no-op unless the model is split across devices
+        grad = grad / (w.adam_denom.transpose(0, 1) if transposed else w.adam_denom)
+    if grad.device == acc.device:
+        w.projector.project_matrices(grad, acc, transposed=transposed)
+        return
+    part = torch.zeros(acc.shape, dtype=acc.dtype, device=grad.device)  # a model split across devices
+    w.projector.project_matrices(grad, part, transposed=transposed)
+    acc += part.to(acc.device)
+
+
+_BMM_OUT_DTYPE = {"cuda": True}  # whether bmm(..., out_dtype=float32) works; learnt on first use
+
+
+def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (batched) as float32. Half-precision inputs on CUDA multiply as they are with a float32
+    result (no float32 copies of the activations, the tensor cores' rate); elsewhere they are upcast first."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return torch.bmm(a, b)
+    half = a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)
+    if half and a.device.type == "cuda" and _BMM_OUT_DTYPE["cuda"]:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # an older torch without the dtype overload
+            _BMM_OUT_DTYPE["cuda"] = False
+    return torch.bmm(a.float(), b.float())
 
 
 @contextmanager
@@ -429,6 +456,11 @@ def _b_hook(w: _LoraWeight, x: torch.Tensor, state: _Pass, delta: torch.Tensor) 
 
 
 # --- rows, collation, helpers -------------------------------------------------------------------------
+
+
+def _weight_shape(module: nn.Linear) -> tuple[int, int]:
+    """``(out, in)`` of a LoRA factor, from the layer's sizes (its weight may be a shard under FSDP/ZeRO-3)."""
+    return int(module.out_features), int(module.in_features)
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
