@@ -84,6 +84,12 @@ class SpiceConfig:
             A directory for an on-disk float16 store of gradient features, keyed by a fingerprint of the
             model, adapter weights, dataset and feature settings, and written chunk by chunk so that a
             crashed job resumes without recomputing finished chunks. `None` keeps features in memory only.
+        threads (`int` or `None`, defaults to `None`):
+            torch CPU threads while a selection round computes on the CPU (the gradient pass of a model on the
+            CPU). `None`: as many as there are idle cores, measured when the pass starts and every 10 s, at
+            most ``torch.get_num_threads()`` (on a busy shared machine more threads than idle cores made the
+            pass 8-25× slower than one thread); an int uses exactly that many. The caller's setting is
+            restored afterwards (`spice_trainer.core.threads`).
         reselect_every_steps (`int`, `tuple[int, ...]` or `None`, defaults to `None`):
             When to select again during training: every N optimizer steps, or at the listed steps.
             `None` selects once, before training.
@@ -119,6 +125,7 @@ class SpiceConfig:
     batch_size: int = 8
     max_length: int | None = None
     feature_store: str | None = None
+    threads: int | None = None
 
     # --- greedy regime -------------------------------------------------------------------
     seed: int = 42
@@ -171,6 +178,8 @@ class SpiceConfig:
                 f"feature_store must be a directory path (a non-empty str) or None, got {self.feature_store!r}; "
                 "pass str(path) for a pathlib.Path"
             )
+        if self.threads is not None:
+            _check_positive_int("threads", self.threads)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         _check_choice("greedy", self.greedy, ("exact", "stochastic", "pooled"))

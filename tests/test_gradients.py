@@ -431,3 +431,17 @@ def test_only_positions_with_a_target_go_through_the_lm_head(llama_case):
     got = gradient_features(model, rows, config.with_changes(batch_size=len(rows)))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     assert seen == [max(len(r["input_ids"]) for r in rows) - 2]
+
+
+def test_thread_count_applies_during_the_pass_and_is_restored():
+    model, rows = _model(), _rows(3)
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gradient_features(model, rows, SpiceConfig(proj_dim=8, threads=1, batch_size=2))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        handle.remove()

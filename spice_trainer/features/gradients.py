@@ -12,10 +12,11 @@ Forward hooks capture ``x``, ``h`` and the outputs of every ``lora_A``/``lora_B`
 tensor hooks on the ``lora_B`` outputs consume each ``δ^B`` as the backward passes it (so the large ones are
 freed as in a plain backward). One ``bmm`` per call gives every example's gradient, which is projected with a
 seeded projector per weight (`spice_trainer.core.projection.make_projector`: dense blockwise, or Kronecker-
-structured) and summed (the projection of the concatenated gradient). No weight
-gradient is formed: ``param.grad``, optimizer state, RNG streams and DDP reducer state are never touched.
-Cost: one batched forward + backward, plus ``O(n·T·D)`` for the per-example gradients and ``O(n·D·d)`` for
-the projection (``O(n·D·d/r)`` for ``projection="kronecker"``; ``D`` = LoRA parameters); memory as a plain training step, plus ``O(n·D)`` transient.
+structured) and summed (the projection of the concatenated gradient). No weight gradient is formed:
+``param.grad``, optimizer state, RNG streams and DDP reducer state are never touched. Cost: one batched
+forward + backward, plus ``O(n·T·D)`` for the per-example gradients and ``O(n·D·d)`` for the projection
+(``O(n·D·d/r)`` for ``projection="kronecker"``; ``D`` = LoRA parameters); memory as a plain training step,
+plus ``O(n·D)`` transient.
 
 What is measured, and what not:
 
@@ -47,6 +48,7 @@ from torch import nn
 
 from spice_trainer.config import SpiceConfig
 from spice_trainer.core.projection import Projector, make_projector
+from spice_trainer.core.threads import SelectionThreads
 from spice_trainer.features.batches import (
     Collator,
     PadCollator,
@@ -196,7 +198,8 @@ def compute_gradient_features(
         model: a causal LM with a PEFT LoRA adapter (any transformers architecture).
         dataset: indexable rows holding ``input_ids`` and optionally ``attention_mask``, ``labels``,
             ``completion_mask`` / ``assistant_masks`` (0 marks tokens without loss).
-        config: uses ``proj_dim``, ``projection``, ``feature_norm``, ``seed``, ``batch_size``, ``max_length``.
+        config: uses ``proj_dim``, ``projection``, ``feature_norm``, ``seed``, ``batch_size``, ``max_length``,
+            ``threads``.
         data_collator: turns rows into a padded batch with ``labels`` (-100 = no loss), e.g. TRL's or the
             Trainer's collator; without ``labels`` in its batch every non-padding token is a target. `None`:
             pad right with the model's ``pad_token_id``, -100 on padding and where ``completion_mask`` /
@@ -247,9 +250,12 @@ def compute_gradient_features(
         for w in weights:
             w.adam_denom = adam_denoms[id(w.module.weight)].to(w.module.weight.device).reshape(_weight_shape(w.module))
     state = _Pass()
+    # CPU threads: the policy of spice_trainer.core.threads (a model on a GPU keeps the caller's setting).
+    threads = SelectionThreads(config.threads, enabled=device.type == "cpu")
     try:
-        with _measuring(model, weights, state):
+        with threads, _measuring(model, weights, state):
             for positions in batches:
+                threads.recheck()
                 batch_rows = [rows[j] for j in positions]
                 batch = collate(collator, [prepare_row(dataset[i], config.max_length) for i in batch_rows])
                 check_batch_rows(batch, len(batch_rows))

@@ -98,7 +98,9 @@ def _spice_field(name: str) -> Any:
 # Fields whose value may be None although their default is not, or that a YAML file may have set: the
 # command line spells None as "none". Their annotation includes ``str`` so that HfArgumentParser passes the
 # text through; `SpiceArguments.__post_init__` turns it into the typed value.
-_NONE_ABLE = frozenset({"stop_ratio", "min_loss", "max_loss_quantile", "max_length", "feature_store", "proxy_device"})
+_NONE_ABLE = frozenset(
+    {"stop_ratio", "min_loss", "max_loss_quantile", "max_length", "feature_store", "threads", "proxy_device"}
+)
 
 
 @dataclass
@@ -144,6 +146,7 @@ class SpiceArguments:
     spice_batch_size: int = _spice_field("batch_size")
     spice_max_length: int | str | None = _spice_field("max_length")
     spice_feature_store: str | None = _spice_field("feature_store")
+    spice_threads: int | str | None = _spice_field("threads")
 
     # --- greedy regime -------------------------------------------------------------------
     spice_seed: int = _spice_field("seed")
@@ -173,7 +176,7 @@ class SpiceArguments:
             if isinstance(value, str) and value.strip().lower() in _NONE_WORDS:
                 setattr(self, attr, None)
             elif isinstance(value, str) and name not in ("feature_store", "proxy_device"):
-                setattr(self, attr, _number(attr, value, int if name == "max_length" else float))
+                setattr(self, attr, _number(attr, value, int if name in ("max_length", "threads") else float))
         if isinstance(self.spice_proxy_model, str) and self.spice_proxy_model.strip().lower() in _NONE_WORDS:
             self.spice_proxy_model = None
         self.spice_reselect_every_steps = _schedule(self.spice_reselect_every_steps)

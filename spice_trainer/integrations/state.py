@@ -15,7 +15,7 @@ __all__ = ["RESUME_SAFE_FIELDS", "STATE_FILE", "STATE_VERSION", "RoundRecord", "
 STATE_FILE = "spice_state.json"
 STATE_VERSION = 1
 # Config fields that may differ on resume without changing which rows were selected so far.
-RESUME_SAFE_FIELDS = frozenset({"write_reports", "proxy_device"})
+RESUME_SAFE_FIELDS = frozenset({"write_reports", "proxy_device", "threads"})
 
 
 @dataclass
