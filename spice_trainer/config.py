@@ -93,6 +93,13 @@ class SpiceConfig:
         reselect_every_steps (`int`, `tuple[int, ...]` or `None`, defaults to `None`):
             When to select again during training: every N optimizer steps, or at the listed steps.
             `None` selects once, before training.
+        reselect_shortlist (`float` or `None`, defaults to `None`):
+            Cheap reselection: a round after the first measures only this share of the pool again (at least
+            the budget) — the rows already selected and those with the largest gradients when last measured —
+            and runs the greedy on their fresh features (`spice_trainer.features.reselect`). It costs that share
+            of a gradient pass; it is an approximation (a row outside the shortlist cannot be picked), whose
+            agreement with a full round `bench/overhead.py` measures. `None` measures the whole pool every
+            round. Applies to the live model's rounds (not to a proxy's).
         mode (`"grow"` or `"replace"`, defaults to `"replace"`):
             At a reselection, `"grow"` keeps the selected set and adds while the gain holds up;
             `"replace"` selects afresh from the whole pool.
@@ -136,6 +143,7 @@ class SpiceConfig:
 
     # --- schedule during training --------------------------------------------------------
     reselect_every_steps: int | tuple[int, ...] | None = None
+    reselect_shortlist: float | None = None
     mode: ModeKind = "replace"
 
     # --- proxy model ---------------------------------------------------------------------
@@ -196,6 +204,13 @@ class SpiceConfig:
                 "lower picks_per_pool or raise pool_size"
             )
         _check_schedule(self.reselect_every_steps)
+        if self.reselect_shortlist is not None:
+            _check_finite_float("reselect_shortlist", self.reselect_shortlist, minimum=0.0)
+            if not 0.0 < self.reselect_shortlist <= 1.0:
+                raise ValueError(
+                    f"reselect_shortlist must be a share of the pool in (0, 1] or None, got "
+                    f"{self.reselect_shortlist!r}; e.g. 0.25 measures a quarter of the pool at each reselection"
+                )
         _check_choice("mode", self.mode, ("grow", "replace"))
         _check_proxy_model(self.proxy_model)
         _check_positive_int("proxy_refresh_every_pools", self.proxy_refresh_every_pools)

@@ -11,6 +11,7 @@ greedy runs either on the gathered features or distributed over the shards. Ever
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from spice_trainer.core.selection import Selection
 from spice_trainer.distributed import comm as sd
 from spice_trainer.distributed.greedy import distributed_greedy
 from spice_trainer.features.gradients import GradientFeatures, compute_gradient_features
+from spice_trainer.features.reselect import FeatureCache, shortlist
 from spice_trainer.features.store import FeatureStore, default_chunk_rows, store_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ def select(
     reference_gain: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     show_progress: bool = True,
+    feature_cache: FeatureCache | None = None,
 ) -> Selection:
     """Select a subset of ``dataset`` with SPICE using ``model``'s LoRA gradients.
 
@@ -86,6 +89,9 @@ def select(
         reference_gain: base of the early-stopping threshold; `None` uses this call's first gain.
         optimizer: the live optimizer, needed for ``feature_norm="adam"``.
         show_progress: show a progress bar over the gradient pass and the greedy.
+        feature_cache: a run's memory of earlier rounds (`spice_trainer.features.reselect.FeatureCache`, one
+            per training run). Every round records into it; with ``config.reselect_shortlist`` set and a
+            usable memory, the round measures only a shortlist of rows (`_select_shortlist`).
 
     Multi-process: when ``torch.distributed`` is initialised with world size > 1, every rank must call
     this with the same dataset and config; each computes the gradients of its shard of rows
@@ -95,6 +101,19 @@ def select(
     Returns:
         The `Selection`; ``metadata`` holds the timings and how many rows were excluded and why.
     """
+    n = len(dataset)
+    if feature_cache is not None and config.reselect_shortlist is not None and feature_cache.usable(n, config):
+        return _select_shortlist(
+            model,
+            dataset,
+            config,
+            data_collator,
+            cache=feature_cache,
+            initial=initial,
+            reference_gain=reference_gain,
+            optimizer=optimizer,
+            show_progress=show_progress,
+        )
     if sd.is_distributed() or config.feature_store is not None:
         return _select_sharded(
             model,
@@ -105,6 +124,7 @@ def select(
             reference_gain=reference_gain,
             optimizer=optimizer,
             show_progress=show_progress,
+            feature_cache=feature_cache,
         )
     start = time.perf_counter()
     grads = compute_gradient_features(
@@ -133,7 +153,105 @@ def select(
             selection, grads.losses, grads.num_tokens, eligible, non_finite, no_tokens, feature_seconds, start, config
         )
     )
+    if feature_cache is not None:
+        feature_cache.record(
+            None, _sqnorms(grads.features), grads.losses, grads.num_tokens, selection.selected, config, n
+        )
     return selection
+
+
+def _select_shortlist(
+    model: Any,
+    dataset: Any,
+    config: SpiceConfig,
+    data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None,
+    *,
+    cache: FeatureCache,
+    initial: Sequence[int] | None,
+    reference_gain: float | None,
+    optimizer: torch.optim.Optimizer | None,
+    show_progress: bool,
+) -> Selection:
+    """A cheap reselection round (``config.reselect_shortlist``; `spice_trainer.features.reselect`).
+
+    1. The shortlist: `shortlist` on the cache, with eligibility under the remembered losses.
+    2. Fresh features of the shortlist (sharded over ranks and all-gathered under ``torch.distributed``; the
+       feature store is not used: the adapter has changed since it was filled).
+    3. The eligibility rule on the pool's losses, fresh on the shortlist and remembered elsewhere; the greedy
+       (``config.greedy``) on the shortlist's features with the pool's budget; picks mapped back to rows.
+    Every rank computes the same shortlist from the same memory and returns the same `Selection`.
+    """
+    start = time.perf_counter()
+    n = len(dataset)
+    assert cache.losses is not None and cache.num_tokens is not None
+    rows = shortlist(cache, config, _eligible(cache.losses, cache.num_tokens, config), initial)
+    world, rank = sd.world_size(), sd.rank()
+    part = sd.shard_rows(len(rows), world, rank)
+    local: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    error: BaseException | None = None
+    try:
+        grads = compute_gradient_features(
+            model,
+            dataset,
+            config,
+            data_collator,
+            indices=rows[part.start : part.stop],
+            optimizer=optimizer,
+            show_progress=show_progress and rank == 0,
+        )
+        local = (grads.features, grads.losses, grads.num_tokens)
+    except Exception as exc:
+        error = exc
+    if sd.any_rank(error is not None):  # agreed before the gathers, as in _select_sharded
+        if error is not None:
+            raise error
+        raise RuntimeError("spice: the gradient pass failed on another rank (see that rank's error)")
+    assert local is not None
+    features, fresh_losses, fresh_tokens = (sd.gather_rows(t) for t in local)
+    feature_seconds = time.perf_counter() - start
+
+    index = torch.as_tensor(rows, dtype=torch.long)
+    losses = cache.losses.clone()
+    num_tokens = cache.num_tokens.clone()
+    losses[index] = fresh_losses.float()
+    num_tokens[index] = fresh_tokens.long()
+    eligible = _eligible(losses, num_tokens, config)
+    position = {row: i for i, row in enumerate(rows)}
+    budget = min(config.budget_count(n), len(rows))
+    local_selection = select_from_features(
+        features,
+        config.with_changes(budget=budget),
+        initial=[position[int(r)] for r in initial] if initial else None,
+        eligible=eligible[index],
+        reference_gain=reference_gain,
+        show_progress=show_progress and rank == 0,
+    )
+    selection = dataclasses.replace(
+        local_selection,
+        indices=[rows[i] for i in local_selection.indices],
+        skipped=[rows[i] for i in local_selection.skipped],
+        initial=[rows[i] for i in local_selection.initial],
+        n_candidates=n,
+        config=config.to_dict(),
+    )
+    non_finite = int((~torch.isfinite(fresh_losses)).sum())
+    no_tokens = int((fresh_tokens == 0).sum())
+    selection.metadata.update(
+        _round_metadata(selection, losses, eligible, non_finite, no_tokens, feature_seconds, start)
+    )
+    selection.metadata["reselect"] = {
+        "shortlist": len(rows),
+        "pool": n,
+        "share": len(rows) / n,
+        "rule": "selected rows, then the largest remembered gradient norms among eligible rows",
+    }
+    cache.record(rows, _sqnorms(features), fresh_losses, fresh_tokens, selection.selected, config, n)
+    return selection
+
+
+def _sqnorms(features: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` float64 squared norms of feature rows (NaN rows stay NaN)."""
+    return features.double().pow(2).sum(dim=1)
 
 
 def _select_sharded(
@@ -146,6 +264,7 @@ def _select_sharded(
     reference_gain: float | None,
     optimizer: torch.optim.Optimizer | None,
     show_progress: bool,
+    feature_cache: FeatureCache | None = None,
 ) -> Selection:
     """The sharded path of `select` (any world size; also a single process with a feature store).
 
@@ -273,6 +392,10 @@ def _select_sharded(
     )
     if store_meta is not None:
         selection.metadata["feature_store"] = store_meta
+    if feature_cache is not None:
+        # n numbers per row kind: the memory never needs the (n, d) features, so the distributed greedy works too.
+        sqnorms = sd.gather_rows(_sqnorms(local_feats))
+        feature_cache.record(None, sqnorms, losses, num_tokens, selection.selected, config, n)
     return selection
 
 

@@ -99,7 +99,16 @@ def _spice_field(name: str) -> Any:
 # command line spells None as "none". Their annotation includes ``str`` so that HfArgumentParser passes the
 # text through; `SpiceArguments.__post_init__` turns it into the typed value.
 _NONE_ABLE = frozenset(
-    {"stop_ratio", "min_loss", "max_loss_quantile", "max_length", "feature_store", "threads", "proxy_device"}
+    {
+        "stop_ratio",
+        "min_loss",
+        "max_loss_quantile",
+        "max_length",
+        "feature_store",
+        "threads",
+        "reselect_shortlist",
+        "proxy_device",
+    }
 )
 
 
@@ -157,6 +166,7 @@ class SpiceArguments:
 
     # --- schedule during training --------------------------------------------------------
     spice_reselect_every_steps: int | str | list[int] | None = _spice_field("reselect_every_steps")
+    spice_reselect_shortlist: float | str | None = _spice_field("reselect_shortlist")
     spice_mode: ModeKind = _spice_field("mode")
 
     # --- proxy model ---------------------------------------------------------------------

@@ -41,6 +41,7 @@ from transformers.utils import logging as hf_logging
 from spice_trainer.config import SpiceConfig
 from spice_trainer.core.selection import Selection
 from spice_trainer.distributed import comm as sd
+from spice_trainer.features.reselect import FeatureCache
 from spice_trainer.integrations.reporting import (
     round_line,
     round_metrics,
@@ -86,6 +87,7 @@ class SpiceDataCallback(TrainerCallback):
             raise TypeError(f"SpiceDataCallback takes a SpiceConfig, got {type(config).__name__}")
         self.config = config or SpiceConfig()
         self._select_fn = select_fn
+        self._feature_cache = FeatureCache()  # used with config.reselect_shortlist (features/reselect.py)
         self.trainer: Trainer | None = None
         self.sampler: SpiceSampler | None = None
         self.selection: Selection | None = None
@@ -254,6 +256,9 @@ class SpiceDataCallback(TrainerCallback):
             from spice_trainer.pipeline import select
 
             select_fn = select
+            if self.config.reselect_shortlist is not None:
+                # Cheap reselection: rounds remember the pool and later ones measure a shortlist of it.
+                kwargs["feature_cache"] = self._feature_cache
         config = self.config
         if config.feature_norm == "adam" and kwargs.get("optimizer") is None:
             logger.info("spice: feature_norm='adam' needs optimizer state; the first round uses unit norm")
