@@ -237,7 +237,7 @@ def _select_shortlist(
     non_finite = int((~torch.isfinite(fresh_losses)).sum())
     no_tokens = int((fresh_tokens == 0).sum())
     selection.metadata.update(
-        _round_metadata(selection, losses, eligible, non_finite, no_tokens, feature_seconds, start)
+        _round_metadata(selection, losses, num_tokens, eligible, non_finite, no_tokens, feature_seconds, start, config)
     )
     selection.metadata["reselect"] = {
         "shortlist": len(rows),
