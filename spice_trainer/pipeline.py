@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from spice_trainer.core.greedy import select_from_features
 from spice_trainer.core.selection import Selection
 from spice_trainer.distributed import comm as sd
 from spice_trainer.distributed.greedy import distributed_greedy
-from spice_trainer.features.gradients import GradientFeatures, compute_gradient_features
+from spice_trainer.features.gradients import GradientFeatures, Lockstep, compute_gradient_features, is_sharded_model
 from spice_trainer.features.reselect import FeatureCache, shortlist
 from spice_trainer.features.store import FeatureStore, default_chunk_rows, store_fingerprint
 
@@ -187,6 +188,7 @@ def _select_shortlist(
     rows = shortlist(cache, config, _eligible(cache.losses, cache.num_tokens, config), initial)
     world, rank = sd.world_size(), sd.rank()
     part = sd.shard_rows(len(rows), world, rank)
+    sharded = world > 1 and is_sharded_model(model)
     local: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     error: BaseException | None = None
     try:
@@ -198,6 +200,7 @@ def _select_shortlist(
             indices=rows[part.start : part.stop],
             optimizer=optimizer,
             show_progress=show_progress and rank == 0,
+            lockstep=_lockstep(len(part), config.batch_size) if sharded else None,
         )
         local = (grads.features, grads.losses, grads.num_tokens)
     except Exception as exc:
@@ -249,6 +252,12 @@ def _select_shortlist(
     return selection
 
 
+def _lockstep(local_rows: int, batch_size: int) -> Lockstep:
+    """Every rank's pass count (the most batches any rank has) and the error agreement, for a sharded model."""
+    batches = max(count for (count,) in sd.all_gather_ints([math.ceil(local_rows / batch_size)]))
+    return Lockstep(batches=max(1, batches), any_failed=sd.any_rank)
+
+
 def _sqnorms(features: torch.Tensor) -> torch.Tensor:
     """``(n,)`` float64 squared norms of feature rows (NaN rows stay NaN)."""
     return features.double().pow(2).sum(dim=1)
@@ -285,11 +294,29 @@ def _select_sharded(
     main = rank == 0
     d = config.proj_dim
 
+    # A model sharded across ranks (FSDP2, ZeRO-3) gathers weights collectively in every forward and backward:
+    # every rank runs the same number of passes, and the feature store (whose chunks differ per rank) is not used.
+    lockstep = world > 1 and is_sharded_model(model)
+    if lockstep and config.feature_store is not None:
+        if main:
+            logger.warning(
+                "spice: the feature store is not used with a model sharded across ranks (FSDP2 / ZeRO-3): every "
+                "rank must run the same gradient passes; features are computed directly"
+            )
+        config = config.with_changes(feature_store=None)
+
     def compute(rows: list[int], progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not rows:
+        if not rows and not lockstep:
             return torch.zeros(0, d), torch.zeros(0), torch.zeros(0, dtype=torch.long)
         grads = compute_gradient_features(
-            model, dataset, config, data_collator, indices=rows, optimizer=optimizer, show_progress=progress
+            model,
+            dataset,
+            config,
+            data_collator,
+            indices=rows,
+            optimizer=optimizer,
+            show_progress=progress,
+            lockstep=_lockstep(len(rows), config.batch_size) if lockstep else None,
         )
         return grads.features, grads.losses, grads.num_tokens
 

@@ -114,6 +114,34 @@ class _Pass:
     acc: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Lockstep:
+    """How the ranks of a sharded model (FSDP2 ``fully_shard``, DeepSpeed ZeRO-3) keep their passes in step.
+
+    Such a model gathers each layer's weights with a collective in every forward and backward, so every rank
+    must run the same number of them, and an error on one rank must stop all of them before the next one.
+
+    Attributes:
+        batches: forward+backward passes every rank runs. A rank with fewer batches repeats its last one (a
+            rank without rows measures row ``filler_row``); those results are dropped.
+        any_failed: a collective: takes whether this rank failed and returns whether any rank did. Called
+            before each forward and before each backward.
+        filler_row: the dataset row a rank without rows measures.
+    """
+
+    batches: int
+    any_failed: Callable[[bool], bool]
+    filler_row: int = 0
+
+
+def is_sharded_model(model: nn.Module) -> bool:
+    """Whether ``model``'s weights are sharded across ranks: FSDP2 (``DTensor`` parameters) or ZeRO-3."""
+    for p in unwrap_model(model).parameters():
+        if hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or hasattr(p, "_local_tensor"):
+            return True
+    return False
+
+
 def find_lora_weights(model: nn.Module, adapter_name: str | None = None) -> tuple[str, list[tuple[str, nn.Linear]]]:
     """The LoRA ``A``/``B`` linear modules of one adapter, in module order.
 
@@ -185,6 +213,7 @@ def compute_gradient_features(
     optimizer: torch.optim.Optimizer | None = None,
     adapter_name: str | None = None,
     show_progress: bool = True,
+    lockstep: Lockstep | None = None,
 ) -> GradientFeatures:
     """Per-example projected LoRA gradients, ``config.batch_size`` examples per forward+backward.
 
@@ -208,6 +237,8 @@ def compute_gradient_features(
         optimizer: the live Adam/AdamW optimizer, required by ``feature_norm="adam"``.
         adapter_name: the LoRA adapter to measure; `None` = the single active one.
         show_progress: show a tqdm bar when there is more than one batch.
+        lockstep: for a model sharded across ranks (FSDP2, ZeRO-3): how many passes every rank runs and how
+            ranks agree on errors (`Lockstep`; `spice_trainer.pipeline` sets it). `None`: this rank's batches.
 
     Returns:
         `GradientFeatures` with rows in ``indices`` order.
@@ -220,6 +251,12 @@ def compute_gradient_features(
     rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     model = unwrap_model(model)
     adapter, lora = find_lora_weights(model, adapter_name)
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "the model has weights on the meta device (e.g. FSDP's cpu_ram_efficient_loading before the trainer "
+            "wrapped the model), so SPICE cannot run it: load the weights on every rank, or select with a proxy "
+            "model (SpiceConfig(proxy_model=...))"
+        )
     _warn_other_trainables(model, {id(m.weight) for _, m in lora})
     adam_denoms = _adam_denominators(optimizer, lora) if config.feature_norm == "adam" else None
     total_bytes = sum(_weight_shape(m)[0] * _weight_shape(m)[1] for _, m in lora) * config.proj_dim * 4
@@ -245,7 +282,8 @@ def compute_gradient_features(
     # its batch, so the order is free: longest first (a batch that does not fit in memory fails at once).
     order = longest_first(dataset, rows, config.max_length)
     batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
-    bar = _progress(len(batches), show_progress and len(batches) > 1)
+    passes = len(batches) if lockstep is None else max(lockstep.batches, len(batches))
+    bar = _progress(passes, show_progress and passes > 1)
     if adam_denoms is not None:
         for w in weights:
             w.adam_denom = adam_denoms[id(w.module.weight)].to(w.module.weight.device).reshape(_weight_shape(w.module))
@@ -254,15 +292,28 @@ def compute_gradient_features(
     threads = SelectionThreads(config.threads, enabled=device.type == "cpu")
     try:
         with threads, _measuring(model, weights, state):
-            for positions in batches:
+            for b in range(passes):
                 threads.recheck()
-                batch_rows = [rows[j] for j in positions]
-                batch = collate(collator, [prepare_row(dataset[i], config.max_length) for i in batch_rows])
-                check_batch_rows(batch, len(batch_rows))
-                out = _batch_features(model, weights, state, batch, device, batch_rows)
-                features[positions] = out[0]
-                losses[positions] = out[1]
-                num_tokens[positions] = out[2]
+                positions = batches[min(b, len(batches) - 1)] if batches else []
+                batch_rows = [rows[j] for j in positions] if positions else [lockstep.filler_row if lockstep else 0]
+                batch: Mapping[str, Any] | None = None
+                failure: Exception | None = None
+                try:
+                    batch = collate(
+                        collator, [prepare_row(row, config.max_length) for row in _fetch(dataset, batch_rows)]
+                    )
+                    check_batch_rows(batch, len(batch_rows))
+                except Exception as exc:
+                    if lockstep is None:
+                        raise
+                    failure = exc
+                _agree(lockstep, failure, "preparing its batch")
+                assert batch is not None
+                out = _batch_features(model, weights, state, batch, device, batch_rows, lockstep)
+                if b < len(batches):  # repeats that keep a sharded model's ranks in step are dropped
+                    features[positions] = out[0]
+                    losses[positions] = out[1]
+                    num_tokens[positions] = out[2]
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -292,6 +343,7 @@ def _batch_features(
     batch: Mapping[str, Any],
     device: torch.device,
     rows: Sequence[int],
+    lockstep: Lockstep | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch: forward, per-example losses, one ``autograd.grad``, per-example gradients, projection.
 
@@ -322,14 +374,21 @@ def _batch_features(
     try:
         with torch.enable_grad():
             logits = model(**kwargs).logits
-            check_labels(targets, logits.shape[-1], rows)
+            failure: Exception | None = None
+            try:
+                check_labels(targets, logits.shape[-1], rows)
+            except ValueError as exc:
+                if lockstep is None:
+                    raise
+                failure = exc
+            _agree(lockstep, failure, "checking its labels")
             if "logits_to_keep" in kwargs:
                 targets = targets[:, keep]
             per_example, counts = per_example_loss(logits, targets)
             del logits
             valid = torch.isfinite(per_example) & (counts > 0)
             losses_cpu, counts_cpu = per_example.detach().float().cpu(), counts.cpu()
-            if not bool(valid.any()):
+            if not bool(valid.any()) and lockstep is None:
                 return torch.full((bsz, proj_dim), float("nan")), losses_cpu, counts_cpu
             # L = Σ_i ℓ_i over the rows with a finite loss: ∂L/∂(row i's activations) = ∂ℓ_i/∂(...).
             total = per_example[valid].sum()
@@ -464,6 +523,26 @@ def _b_hook(w: _LoraWeight, x: torch.Tensor, state: _Pass, delta: torch.Tensor) 
 # --- rows, collation, helpers -------------------------------------------------------------------------
 
 
+def _fetch(dataset: Any, rows: Sequence[int]) -> list[Any]:
+    """``[dataset[i] for i in rows]``, in one call where the dataset reads rows in batches (``__getitems__``:
+    `datasets.Dataset`, torch's ``Subset``), which is several times faster than one row at a time."""
+    getitems = getattr(dataset, "__getitems__", None)
+    if callable(getitems):
+        out = getitems(list(rows))
+        if isinstance(out, list) and len(out) == len(rows):
+            return out
+    return [dataset[i] for i in rows]
+
+
+def _agree(lockstep: Lockstep | None, failure: Exception | None, what: str) -> None:
+    """Under `Lockstep`, every rank learns whether any rank failed and all raise together."""
+    if lockstep is None or not lockstep.any_failed(failure is not None):
+        return
+    if failure is not None:
+        raise failure
+    raise RuntimeError(f"spice: another rank failed {what} in the gradient pass (see its error); every rank stops")
+
+
 def _weight_shape(module: nn.Linear) -> tuple[int, int]:
     """``(out, in)`` of a LoRA factor, from the layer's sizes (its weight may be a shard under FSDP/ZeRO-3)."""
     return int(module.out_features), int(module.in_features)
@@ -514,6 +593,11 @@ def _adam_denominators(
     optimizer: torch.optim.Optimizer | None, lora: list[tuple[str, nn.Linear]]
 ) -> dict[int, torch.Tensor]:
     """``√v̂ + ε`` per LoRA weight from Adam's second moments, ``v̂ = v / (1 − β₂^step)`` (LESS)."""
+    if any(hasattr(m.weight, "ds_id") for _, m in lora):
+        raise ValueError(
+            "feature_norm='adam' is not supported under DeepSpeed ZeRO-3 (its optimizer keeps the second moments "
+            "in flat partitions); use feature_norm='unit' or 'none', or a proxy model (SpiceConfig(proxy_model=...))"
+        )
     if optimizer is None:
         raise ValueError(
             "feature_norm='adam' needs the live optimizer's second moments: pass optimizer=... (the callback "
@@ -528,7 +612,10 @@ def _adam_denominators(
             if "exp_avg_sq" not in state or beta2 is None:
                 continue
             step = float(torch.as_tensor(state.get("step", 1)).item())
-            v_hat = state["exp_avg_sq"].float() / (1.0 - beta2 ** max(step, 1.0))
+            exp_avg_sq = state["exp_avg_sq"]
+            if callable(getattr(exp_avg_sq, "full_tensor", None)):  # FSDP2: a sharded DTensor, gathered (collective)
+                exp_avg_sq = exp_avg_sq.full_tensor()
+            v_hat = exp_avg_sq.float() / (1.0 - beta2 ** max(step, 1.0))
             denoms[id(p)] = v_hat.sqrt() + eps
     missing = [name for name, m in lora if id(m.weight) not in denoms]
     if missing:

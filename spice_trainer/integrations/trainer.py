@@ -501,12 +501,30 @@ def _check_supported(trainer: Trainer, config: SpiceConfig) -> None:
         )
     if getattr(args, "group_by_length", False):
         raise ValueError("group_by_length=True replaces the sampler SPICE draws from; set group_by_length=False")
-    if (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled) and config.proxy_model is None:
-        raise ValueError(
-            "under DeepSpeed or FSDP the live model's LoRA weights are sharded, so SPICE cannot measure "
-            "per-example gradients on it: set SpiceConfig(proxy_model=...) to a smaller model of the same "
-            "family (it stays outside the wrapper)"
-        )
+    if config.proxy_model is None:
+        _check_sharding(trainer, config)
+
+
+def _check_sharding(trainer: Trainer, config: SpiceConfig) -> None:
+    """Live selection under FSDP2 and DeepSpeed (ZeRO-3 too): every rank measures its shard of rows on the
+    sharded model in lockstep (`spice_trainer.features.gradients.Lockstep`). FSDP1 and Adam-normalised features
+    under ZeRO-3 are refused; a proxy model (outside the wrapper) remains the cheap option."""
+    if trainer.is_fsdp_enabled:
+        plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        version = getattr(plugin, "fsdp_version", 1)
+        if version != 2:
+            raise ValueError(
+                f"live SPICE selection under FSDP needs FSDP2 (fully_shard); this run uses FSDP{version}. Set "
+                "fsdp_config={'version': 2, ...} in TrainingArguments, or select with a smaller model of the same "
+                "family: SpiceConfig(proxy_model=...)"
+            )
+    if trainer.is_deepspeed_enabled and config.feature_norm == "adam":
+        stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+        if stage == 3:
+            raise ValueError(
+                "feature_norm='adam' is not supported under DeepSpeed ZeRO-3 (the optimizer keeps its second "
+                "moments in flat partitions); use feature_norm='unit' or 'none', or a proxy model"
+            )
 
 
 def _gradient_collator(trainer: Trainer) -> Callable[[list[dict[str, Any]]], dict[str, Any]] | None:

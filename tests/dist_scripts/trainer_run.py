@@ -1,7 +1,9 @@
 """Launched by tests/test_distributed.py under torchrun: a full `Trainer` run with `SpiceDataCallback`.
 
-Usage: ``trainer_run.py OUT_DIR SETTINGS_JSON [EPOCHS]``. SETTINGS_JSON holds `SpiceConfig` overrides
-(tuples as lists); EPOCHS defaults to 1. The Trainer initialises the gloo process group itself
+Usage: ``trainer_run.py OUT_DIR SETTINGS_JSON [EPOCHS] [SHARDING]``. SETTINGS_JSON holds `SpiceConfig` overrides
+(tuples as lists); EPOCHS defaults to 1. SHARDING is ``fsdp2`` (accelerate's FSDP2 over each decoder layer) or
+``zero3`` (DeepSpeed ZeRO-3); both need accelerators (tests/test_fsdp.py). The Trainer initialises the gloo
+process group itself
 (``use_cpu=True`` under torchrun is accelerate's MULTI_CPU mode). Each rank writes
 ``OUT_DIR/rank<r>.json``: every round's `Selection` as this rank saw it (read from the callback right
 after the round) and the dataset rows this rank's dataloader actually yielded (recovered from the
@@ -66,7 +68,7 @@ def main() -> None:
     spice = SpiceDataCallback(config)
     recorder = RoundRecorder(spice)
     collator = RecordingCollator()
-    args = TrainingArguments(
+    settings_args: dict[str, Any] = dict(
         output_dir=str(out / "trainer"),
         per_device_train_batch_size=2,
         num_train_epochs=int(sys.argv[3]) if len(sys.argv) > 3 else 1,
@@ -79,6 +81,8 @@ def main() -> None:
         seed=0,
         dataloader_num_workers=0,
     )
+    settings_args.update(_sharding(sys.argv[4] if len(sys.argv) > 4 else None))
+    args = TrainingArguments(**settings_args)
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[spice, recorder])
     trainer.train()
     recorder._check()
@@ -97,6 +101,19 @@ def main() -> None:
         # ("terminate called without an active exception"), which fails the run after it succeeded.
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _sharding(kind: str | None) -> dict[str, Any]:
+    """TrainingArguments for the sharded runs (accelerators only: accelerate's CPU mode is DDP)."""
+    if kind is None:
+        return {}
+    if kind == "fsdp2":
+        config = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True}
+        return {"use_cpu": False, "fsdp": "full_shard", "fsdp_config": config}
+    if kind == "zero3":
+        zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+        return {"use_cpu": False, "deepspeed": {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto"}}
+    raise ValueError(f"unknown sharding {kind!r}")
 
 
 if __name__ == "__main__":
