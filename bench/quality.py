@@ -326,6 +326,162 @@ def write_suite_report(records: list[dict[str, Any]], out: Path, args: argparse.
     return report
 
 
+# --- size curves ----------------------------------------------------------------------------------
+
+
+def curve_configs(args: argparse.Namespace, variants: dict[str, dict[str, Any]]) -> list[tuple[float, bool, Any]]:
+    """``(budget, stops, config)`` for each curve point: the sizes with stopping disabled, then the cap with the
+    method's own stopping rule."""
+    _, nostop = compare.parse_variant("nostop=" + args.curve_nostop)
+    points = []
+    for size in CURVE_SIZES:
+        config = compare.method_config(args.curve_method, size, variants)
+        if config is None:
+            raise SystemExit(f"--curve-method must be a SPICE method or a --variant name, got {args.curve_method!r}")
+        points.append((size, False, config.with_changes(**nostop)))
+    points.append((args.curve_cap, True, compare.method_config(args.curve_method, args.curve_cap, variants)))
+    return points
+
+
+def run_curve(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    """Accuracy against selected size for ``--curve-method`` (and ``--curve-baseline``), plus where its own
+    stopping rule stops under a ``--curve-cap`` budget."""
+    worlds = _names(args.worlds, W.WORLDS)
+    scenarios = _names(args.scenarios, W.SCENARIO_NAMES)
+    variants = dict(compare.parse_variant(v) for v in args.variant)
+    points = curve_configs(args, variants)
+    seeds = list(range(args.seeds or (2 if args.quick else 3)))
+    path = out / "curve.jsonl"
+    records = load_records(path) if args.resume else []
+    if not args.resume:
+        path.unlink(missing_ok=True)
+    done = {(r["world"], r["scenario"], r["seed"], r["method"], r["budget"], r["stops"]) for r in records}
+    method = args.curve_method
+    for name in worlds:
+        spec = W.WORLDS[name]
+        settings = compare.TrainSettings(epochs=args.epochs or spec.epochs)
+        for seed in seeds:
+            world = W.load_world(
+                spec,
+                seed,
+                cache_dir=args.cache_dir,
+                scenarios=scenarios,
+                pool_size=pool_size_for(spec, args),
+                test_rows_per_task=50 if args.quick else None,
+            )
+            base = demo_world.evaluate(world.base_model, world.tokenizer, world.tests)["mean"]
+            for scenario in scenarios:
+                pool = world.pools[scenario]
+                candidates = candidates_for(world, pool)
+                jobs: list[tuple[str, float, bool, Any]] = [(method, b, stops, c) for b, stops, c in points]
+                if args.curve_baseline:
+                    jobs += [(args.curve_baseline, size, False, None) for size in CURVE_SIZES]
+                for label, budget, stops, config in jobs:
+                    if (name, scenario, seed, label, budget, stops) in done:
+                        continue
+                    run = compare.run_method(
+                        world.base_model,
+                        candidates,
+                        label,
+                        budget=budget,
+                        seed=seed,
+                        settings=settings,
+                        variants=variants,
+                        config=config,
+                    )
+                    scores = demo_world.evaluate(run.model, world.tokenizer, world.tests)
+                    rec = record_for(world, pool, scenario, run, scores)
+                    rec.update(budget=budget, stops=stops, base_accuracy=base, epochs=settings.epochs)
+                    if config is not None:
+                        rec["config"] = config.to_dict()
+                    records.append(rec)
+                    with path.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    _print_run(rec)
+    return [r for r in records if r["world"] in worlds]
+
+
+def curve_tables(records: list[dict[str, Any]], method: str, baseline: str | None) -> str:
+    """Per world and scenario: accuracy at each size, the best point, and where the stopping rule stopped."""
+    sizes = sorted({r["budget"] for r in records if r["method"] == method and not r["stops"]})
+    rows = []
+    for world in [w for w in W.WORLDS if any(r["world"] == w for r in records)]:
+        for scenario in W.SCENARIO_NAMES:
+            scoped = [r for r in records if r["world"] == world and r["scenario"] == scenario]
+            if not scoped:
+                continue
+            curve = {}
+            for size in sizes:
+                accs = [
+                    r["accuracy"] for r in scoped if r["method"] == method and r["budget"] == size and not r["stops"]
+                ]
+                if accs:
+                    curve[size] = compare.mean_sd(accs)
+            stop = [r for r in scoped if r["method"] == method and r["stops"]]
+            cells = [f"{curve[s][0]:.3f}" if s in curve else "—" for s in sizes]
+            best_size = max(curve, key=lambda s: curve[s][0]) if curve else None
+            if stop and best_size is not None:
+                stop_acc = compare.mean_sd([r["accuracy"] for r in stop])
+                share = compare.mean_sd([r["rows"] / r["pool_size"] for r in stop])
+                reasons = ", ".join(sorted({str(r["stop_reason"]) for r in stop}))
+                stop_cell = f"{share[0]:.1%} ({reasons}): {compare.format_pm(stop_acc)}"
+                ratio = f"{stop_acc[0] / curve[best_size][0]:.0%}" if curve[best_size][0] > 0 else "n/a"
+            else:
+                stop_cell, ratio = "—", "—"
+            base_cells = []
+            if baseline:
+                for size in sizes:
+                    accs = [r["accuracy"] for r in scoped if r["method"] == baseline and r["budget"] == size]
+                    base_cells.append(f"{compare.mean_sd(accs)[0]:.3f}" if accs else "—")
+            best = f"{best_size:g}: {curve[best_size][0]:.3f}" if best_size is not None else "—"
+            rows.append([world, scenario, *cells, best, stop_cell, ratio, " / ".join(base_cells) or "—"])
+    header = ["world", "scenario", *[f"{s:.1%}" for s in sizes], "best", "stop (share of pool)", "stop/best"]
+    header.append(f"{baseline} at the same sizes" if baseline else "baseline")
+    return compare.markdown_table(header, rows)
+
+
+def plot_curves(records: list[dict[str, Any]], method: str, baseline: str | None, out: Path) -> None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib missing: no plots")
+        return
+    for world in [w for w in W.WORLDS if any(r["world"] == w for r in records)]:
+        fig = Figure(figsize=(12, 4))
+        axes = fig.subplots(1, len(W.SCENARIO_NAMES), squeeze=False)[0]
+        for ax, scenario in zip(axes, W.SCENARIO_NAMES, strict=True):
+            scoped = [r for r in records if r["world"] == world and r["scenario"] == scenario]
+            for label, style in ((method, "o-"), (baseline, "s--")):
+                if not label:
+                    continue
+                sizes = sorted({r["budget"] for r in scoped if r["method"] == label and not r["stops"]})
+                stats = [
+                    compare.mean_sd(
+                        [r["accuracy"] for r in scoped if r["method"] == label and r["budget"] == s and not r["stops"]]
+                    )
+                    for s in sizes
+                ]
+                if stats:
+                    ax.errorbar(
+                        sizes, [m for m, _ in stats], yerr=[sd for _, sd in stats], fmt=style, label=label, capsize=3
+                    )
+            stop = [r for r in scoped if r["method"] == method and r["stops"]]
+            if stop:
+                x = compare.mean_sd([r["rows"] / r["pool_size"] for r in stop])[0]
+                y = compare.mean_sd([r["accuracy"] for r in stop])[0]
+                ax.plot([x], [y], "r*", markersize=14, label=f"stop (cap {stop[0]['budget']:g})")
+                ax.axvline(x, color="r", linestyle=":", linewidth=1)
+            ax.set_xscale("log")
+            ax.set_xlabel("selected share of the pool")
+            ax.set_ylabel("exact match")
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{world} / {scenario}")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        (out / world).mkdir(parents=True, exist_ok=True)
+        fig.savefig(out / world / "curve.png", dpi=100)
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -344,7 +500,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant", action="append", default=[], help="extra SPICE method NAME=field:value,... (repeatable)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--resume", action="store_true", help="keep the runs already in records.jsonl")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in records.jsonl / curve.jsonl")
+    from spice_trainer.cli.compare import add_data_arguments
+
+    add_data_arguments(parser.add_argument_group("your own data (--dataset; also `spice-trainer compare`)"))
+    curve = parser.add_argument_group("size curves (--curve)")
+    curve.add_argument("--curve", action="store_true", help="accuracy against selected size, stop marked")
+    curve.add_argument("--curve-method", default="defaults", help="SPICE method or --variant name (default defaults)")
+    curve.add_argument(
+        "--curve-nostop",
+        default="stop_ratio:none",
+        help="field:value,... that disable stopping for the size points (default stop_ratio:none)",
+    )
+    curve.add_argument("--curve-cap", type=float, default=0.4, help="budget cap of the stopping run (default 0.4)")
+    curve.add_argument("--curve-baseline", default="random", help="fixed-row method at the same sizes ('' = none)")
     return parser
 
 
@@ -354,6 +523,27 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.dataset:
+        from spice_trainer.cli.compare import run_compare
+        from spice_trainer.cli.errors import CliError
+
+        try:
+            return run_compare(args)
+        except CliError as err:
+            raise SystemExit(f"error: {err}") from err
+    if args.curve:
+        records = run_curve(args, out)
+        report = curve_tables(records, args.curve_method, args.curve_baseline or None)
+        header = (
+            f"Size curve of {args.curve_method} (stopping off: {args.curve_nostop}) and where its stopping rule "
+            f"stops under a {args.curve_cap:g} cap; {time.perf_counter() - start:.0f} s"
+        )
+        report = header + "\n\n" + report
+        (out / "curve.md").write_text(report + "\n", encoding="utf-8")
+        plot_curves(records, args.curve_method, args.curve_baseline or None, out)
+        print()
+        print(report)
+        return 0
     records = run_suite(args, out)
     seconds = time.perf_counter() - start
     report = write_suite_report(records, out, args, seconds)

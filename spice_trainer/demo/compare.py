@@ -298,8 +298,11 @@ def run_method(
     seed: int = 0,
     settings: TrainSettings | None = None,
     variants: Mapping[str, Mapping[str, Any]] | None = None,
+    config: SpiceConfig | None = None,
 ) -> MethodRun:
     """Select with ``method``, then fine-tune a fresh adapter on its rows with the shared loop.
+
+    ``config`` runs SPICE with that exact `SpiceConfig` under the label ``method`` (size curves, sweeps).
 
     Raises:
         ValueError: for an unknown method, or one the pool cannot run (see `available_methods`).
@@ -312,7 +315,7 @@ def run_method(
     n = len(dataset)
     k = SpiceConfig(budget=budget).budget_count(n)
     model = fresh_adapter(base_model, settings, seed)
-    config = method_config(method, budget, variants)
+    config = config if config is not None else method_config(method, budget, variants)
     selection = None
     select_seconds = 0.0
     if config is not None:
@@ -391,3 +394,230 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 EvaluateFn = Callable[[Any], dict[str, float]]
+
+
+# --- a user's own data ----------------------------------------------------------------------------
+
+
+def row_format(columns: Sequence[str]) -> str:
+    """``"prompt-completion"``, ``"messages"``, ``"text"`` or ``"tokenized"``, from a dataset's columns.
+
+    Raises:
+        ValueError: naming the columns found and the ones accepted.
+    """
+    if "prompt" in columns and "completion" in columns:
+        return "prompt-completion"
+    if "messages" in columns:
+        return "messages"
+    if "text" in columns:
+        return "text"
+    if "input_ids" in columns:
+        return "tokenized"
+    raise ValueError(
+        f"found columns {sorted(columns)}; compare needs 'prompt' and 'completion', 'messages', 'text' or 'input_ids'"
+    )
+
+
+def tokenize_rows(
+    tokenizer: Any, rows: Any, *, max_length: int | None = None
+) -> tuple[list[dict[str, list[int]]], str]:
+    """``{"input_ids", "labels"}`` per row of a `datasets.Dataset` (or list of dicts), and the rows' format.
+
+    * prompt-completion (text, or lists of messages rendered with the chat template): loss on the completion
+      and the end-of-sequence token;
+    * messages: the conversation without its last turn is the prompt (chat template with the generation
+      prompt), the last turn's content the completion;
+    * text: loss on every token (and end-of-sequence);
+    * tokenized: ``labels`` if present, else every token.
+
+    Rows longer than ``max_length`` tokens are cut (the labels with them).
+    """
+    columns = list(rows.column_names) if hasattr(rows, "column_names") else list(rows[0])
+    fmt = row_format(columns)
+    out: list[dict[str, list[int]]] = []
+    eos = tokenizer.eos_token or ""
+    for row in rows:
+        if fmt == "tokenized":
+            ids = list(row["input_ids"])
+            labels = list(row["labels"]) if row.get("labels") is not None else list(ids)
+            item = {"input_ids": ids, "labels": labels}
+        elif fmt == "text":
+            ids = tokenizer(row["text"] + eos, add_special_tokens=False)["input_ids"]
+            item = {"input_ids": list(ids), "labels": list(ids)}
+        else:
+            if fmt == "messages":
+                messages = list(row["messages"])
+                prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+                completion = messages[-1]["content"]
+            else:
+                prompt, completion = row["prompt"], row["completion"]
+                if not isinstance(prompt, str):  # conversational prompt-completion
+                    prompt = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+                    completion = "".join(m["content"] for m in completion)
+            (item,) = tokenize_prompt_completion(tokenizer, [{"prompt": prompt, "completion": completion}])
+        if max_length is not None:
+            item = {k: v[:max_length] for k, v in item.items()}
+        out.append(item)
+    return out, fmt
+
+
+def heldout_metrics(model: Any, dataset: Any, collator: Any, *, batch_size: int = 16) -> dict[str, float]:
+    """Mean loss per supervised token over ``dataset`` (tokenised, with ``labels``), and exact match: the share of
+    rows whose every supervised token is the model's argmax given the true prefix (greedy decoding reproduces
+    the completion exactly iff this holds)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_loss, total_tokens, exact, n = 0.0, 0, 0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                batch = collator([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
+                inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+                logits = model(**inputs).logits[:, :-1].float()
+                target = batch["labels"][:, 1:].to(device)
+                supervised = target != -100
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+                total_loss += float(loss)
+                total_tokens += int(supervised.sum())
+                ok = ((logits.argmax(-1) == target) | ~supervised).all(dim=1) & supervised.any(dim=1)
+                exact += int(ok.sum())
+                n += target.shape[0]
+    finally:
+        model.train(was_training)
+    return {"loss": total_loss / max(1, total_tokens), "exact_match": exact / max(1, n)}
+
+
+def compare_on_dataset(
+    model: Any,
+    tokenizer: Any,
+    train_rows: Any,
+    eval_rows: Any,
+    *,
+    methods: Sequence[str] = (
+        "full",
+        "random",
+        "fisher",
+        "paper",
+        "paper-nostop",
+        "defaults",
+        "small-loss",
+        "grad-norm",
+    ),
+    reference_rows: Any = None,
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
+    budget: float | int = 0.1,
+    seeds: Sequence[int] = (0,),
+    settings: TrainSettings | None = None,
+    max_length: int | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], str]:
+    """Run the methods on a user's rows and model; held-out loss (and exact match for prompt/completion rows).
+
+    Args:
+        model: a plain causal LM (each method trains a fresh LoRA adapter on a copy).
+        tokenizer: its tokenizer (a pad token is set to end-of-sequence when missing).
+        train_rows: the candidate pool (`datasets.Dataset` or list of dicts: prompt/completion, messages, text or
+            input_ids rows).
+        eval_rows: held-out rows of the same format.
+        methods: methods of `METHODS` (``random-clean`` needs hidden labels and is skipped; ``less`` needs
+            ``reference_rows``) and names of ``variants``.
+        reference_rows: a small trusted set for ``less``.
+        variants: ``name -> SpiceConfig fields``.
+        budget: the selection budget (fraction or count).
+        seeds: one run per seed (fresh adapter, data order).
+        settings: the shared training hyperparameters.
+        max_length: cut rows to this many tokens.
+        on_record: called with each record as it is measured.
+
+    Returns:
+        ``(records, markdown table)``.
+
+    Raises:
+        ValueError: a PEFT model (pass its base model), an unknown method, an unusable row format.
+    """
+    import datasets
+    from transformers import DataCollatorForSeq2Seq
+
+    if hasattr(model, "peft_config"):
+        raise ValueError("compare trains a fresh LoRA adapter per method: pass the plain base model, not a PEFT model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_tok, fmt = tokenize_rows(tokenizer, train_rows, max_length=max_length)
+    eval_tok, eval_fmt = tokenize_rows(tokenizer, eval_rows, max_length=max_length)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    reference = None
+    if reference_rows is not None:
+        reference = datasets.Dataset.from_list(tokenize_rows(tokenizer, reference_rows, max_length=max_length)[0])
+    candidates = Candidates(dataset=datasets.Dataset.from_list(train_tok), collator=collator, reference=reference)
+    eval_dataset = datasets.Dataset.from_list(eval_tok)
+    variants = dict(variants or {})
+    runnable = available_methods(candidates, [m for m in methods if m in METHODS or m in variants])
+    unknown = [m for m in methods if m not in METHODS and m not in variants]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)} or a variant name")
+    settings = settings or TrainSettings()
+    base = heldout_metrics(model, eval_dataset, collator)
+    records: list[dict[str, Any]] = []
+    for seed in seeds:
+        candidates._features = None  # a fresh adapter per seed: features again
+        for method in runnable:
+            run = run_method(model, candidates, method, budget=budget, seed=seed, settings=settings, variants=variants)
+            metrics = heldout_metrics(run.model, eval_dataset, collator)
+            record = {
+                "method": method,
+                "seed": seed,
+                "rows": len(run.rows),
+                "loss": metrics["loss"],
+                "exact_match": metrics["exact_match"],
+                "select_seconds": run.select_seconds,
+                "train_seconds": run.train_seconds,
+                "stop_reason": run.selection.stop_reason if run.selection is not None else None,
+                "selected": run.rows,
+            }
+            records.append(record)
+            if on_record is not None:
+                on_record(record)
+            del run
+    table = dataset_table(records, runnable, base, exact=eval_fmt in ("prompt-completion", "messages"))
+    return records, f"{len(train_tok)} candidate rows ({fmt}), {len(eval_tok)} held-out rows\n\n" + table
+
+
+def dataset_table(
+    records: Sequence[Mapping[str, Any]], methods: Sequence[str], base: Mapping[str, float], *, exact: bool
+) -> str:
+    """Held-out loss (lower is better) and exact match per method, mean ± sd over seeds, paired to ``random``."""
+    header = ["method", "rows", "held-out loss", "vs random (paired)"]
+    if exact:
+        header += ["exact match", "vs random (paired)"]
+    header += ["select s", "train s", "stop"]
+    rows = [["base model", "0", f"{base['loss']:.4f}", "—"] + ([f"{base['exact_match']:.3f}", "—"] if exact else [])]
+    rows[0] += ["—", "—", "—"]
+    for method in methods:
+        rs = [r for r in records if r["method"] == method]
+        if not rs:
+            continue
+        row = [
+            method,
+            f"{mean_sd([r['rows'] for r in rs])[0]:.0f}",
+            format_pm(mean_sd([r["loss"] for r in rs]), digits=4),
+            "—" if method == "random" else format_pm(paired_difference(records, method, "loss"), signed=True, digits=4),
+        ]
+        if exact:
+            row += [
+                format_pm(mean_sd([r["exact_match"] for r in rs])),
+                "—"
+                if method == "random"
+                else format_pm(paired_difference(records, method, "exact_match"), signed=True),
+            ]
+        row += [
+            f"{mean_sd([r['select_seconds'] for r in rs])[0]:.1f}",
+            f"{mean_sd([r['train_seconds'] for r in rs])[0]:.1f}",
+            ", ".join(sorted({str(r["stop_reason"]) for r in rs if r["stop_reason"]})) or "—",
+        ]
+        rows.append(row)
+    return markdown_table(header, rows)
