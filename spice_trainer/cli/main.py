@@ -1,4 +1,4 @@
-"""The ``spice-trainer`` command: ``demo``, ``select`` and ``report``.
+"""The ``spice-trainer`` command: ``demo``, ``select``, ``report`` and ``compare``.
 
 * ``spice-trainer demo`` — the whole story offline in a few minutes: build the small synthetic world
   (`spice_trainer.demo.world`), fine-tune with TRL's `SFTTrainer` + `SpiceDataCallback` on a SPICE-chosen 10 %,
@@ -8,6 +8,7 @@
   prepared and selected exactly as `SpiceDataCallback` does inside `SFTTrainer`; writes the chosen rows with
   their scores as a `datasets` dataset, the `Selection` and a plot, and can push the rows to the Hub.
 * ``spice-trainer report`` — a markdown report (and plots) from saved selection rounds (`spice_trainer.cli.report`).
+* ``spice-trainer compare`` — the quality benchmark's methods on your own data and model (`spice_trainer.cli.compare`).
 
 Command output goes to stdout (this is the one package where the user reads printed text); progress and
 diagnostics go through `logging`. Hub ids are downloaded unless ``HF_HUB_OFFLINE=1``; only ``demo``, which
@@ -27,6 +28,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
+from spice_trainer.cli.compare import add_compare_arguments, run_compare
 from spice_trainer.cli.errors import CliError
 from spice_trainer.cli.report import find_selections, render_report, run_report
 from spice_trainer.cli.select import SAVE_FORMATS, run_select
@@ -240,6 +242,17 @@ def build_parser(select_config: dict[str, Any] | None = None) -> argparse.Argume
     rep.add_argument("dir", help="a training output_dir, a folder of rounds, or a selection .json file")
     rep.add_argument("--out", help="where to write the report (default: the folder of the rounds)")
     rep.set_defaults(func=lambda args, argv: run_report(args))
+
+    cmp = commands.add_parser(
+        "compare",
+        help="compare SPICE, its presets and baselines (random, small-loss, gradient norm, ...) on your data",
+        description="Train a fresh LoRA adapter per method (full, random, fisher, paper, paper-nostop, defaults, "
+        "small-loss, grad-norm, and less with --reference-dataset) on your rows with one Trainer loop and one set "
+        "of hyperparameters, then report held-out loss and exact match of completions, paired to random "
+        "(spice_trainer.cli.compare).",
+    )
+    add_compare_arguments(cmp)
+    cmp.set_defaults(func=lambda args, argv: run_compare(args))
     return parser
 
 
