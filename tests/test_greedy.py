@@ -410,3 +410,81 @@ def test_import_does_not_need_transformers() -> None:
         "assert 'matplotlib' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the lazy exact greedy against the incremental one ------------------------------------------------
+
+
+def _mixture(n: int, d: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``center[c] + 0.7 noise`` around 16 centres: clustered like real gradients, so that gains shrink
+    together and the lazy greedy's bounds are often close (its hard case)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    centers = torch.randn(16, d, generator=gen, dtype=torch.float64)
+    labels = torch.randint(16, (n,), generator=gen)
+    return ((centers[labels] + 0.7 * torch.randn(n, d, generator=gen, dtype=torch.float64)) / math.sqrt(d)).to(dtype)
+
+
+def _assert_same_picks(feats: torch.Tensor, **changes: object) -> None:
+    lazy = select_from_features(feats, _cfg(exact_search="lazy", **changes))
+    incremental = select_from_features(feats, _cfg(exact_search="incremental", **changes))
+    assert lazy.indices == incremental.indices
+    assert lazy.stop_reason == incremental.stop_reason
+    # Both record the float64 numbers of the set state; the incremental greedy's come from a batch.
+    assert lazy.gains == pytest.approx(incremental.gains, rel=1e-10, abs=1e-13)
+    assert lazy.conflicts == pytest.approx(incremental.conflicts, rel=1e-9, abs=1e-12)
+    assert lazy.objective == pytest.approx(incremental.objective, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "k", "lam", "seed"),
+    [
+        (2000, 24, 300, 0.0, 0),  # k > d (primal), λ = 0: plain log-det greedy
+        (2000, 24, 300, 0.1, 1),
+        (1500, 64, 40, 0.5, 2),  # k < d (dual), a strong conflict term
+        (3000, 8, 250, 0.3, 3),  # k ≫ d: every gain shrinks, bounds crowd together
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lazy_greedy_makes_the_incremental_greedys_picks(
+    n: int, d: int, k: int, lam: float, seed: int, dtype: torch.dtype
+) -> None:
+    feats = _mixture(n, d, seed, dtype)
+    feats[::5] *= -1.0  # rows against the mean: the conflict term changes picks
+    _assert_same_picks(feats, budget=k, conflict_weight=lam)
+    # The shortlist was rebuilt along the way (n is larger than its first length).
+    assert select_from_features(feats, _cfg(budget=k, conflict_weight=lam)).metadata["shortlist_rebuilds"] > 1
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.2])
+def test_lazy_greedy_breaks_ties_and_zero_rows_like_the_incremental_greedy(lam: float) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    base = _mixture(300, 12, 7, torch.float64)
+    # Every row three times, shuffled (exact ties between distinct rows), and 400 zero rows (gain 0, bound 0).
+    feats = torch.cat([base, base, base, torch.zeros(400, 12, dtype=torch.float64)])
+    feats = feats[torch.randperm(feats.shape[0], generator=gen)]
+    # Past the 300 distinct directions come the duplicates (gain small but > 0) and the zero rows (score 0).
+    _assert_same_picks(feats, budget=1000, conflict_weight=lam)
+    lazy = select_from_features(feats, _cfg(budget=1000, conflict_weight=lam))
+    zero_picks = [t for t, i in enumerate(lazy.indices) if not feats[i].any()]
+    assert len(zero_picks) >= 100
+    zero_rows = [lazy.indices[t] for t in zero_picks]
+    assert zero_rows == sorted(zero_rows)  # all tied at score 0: in row order
+    if lam == 0.0:
+        assert zero_picks[0] == 900  # every duplicate (Δ > 0) before the first zero row
+
+
+def test_lazy_greedy_with_initial_rows_masks_and_early_stopping() -> None:
+    feats = _mixture(2500, 16, 11, torch.float32)
+    mask = torch.ones(2500, dtype=torch.bool)
+    mask[::3] = False
+    lazy = select_from_features(
+        feats, _cfg(budget=200, conflict_weight=0.2, stop_ratio=0.3), initial=[5, 9, 700], eligible=mask
+    )
+    incremental = select_from_features(
+        feats,
+        _cfg(budget=200, conflict_weight=0.2, stop_ratio=0.3, exact_search="incremental"),
+        initial=[5, 9, 700],
+        eligible=mask,
+    )
+    assert lazy.indices == incremental.indices and lazy.stop_reason == incremental.stop_reason == "early_stop"
+    assert all(mask[i] for i in lazy.indices)

@@ -41,11 +41,11 @@ def _conflict(feats: torch.Tensor, selected: list[int], x: int) -> float:
 def test_incremental_gains_match_logdet_for_every_candidate(method: str, alpha: float) -> None:
     feats = _features(30, 6, seed=0)
     order = [3, 17, 8, 25, 0, 11, 29, 4, 19]  # more than d picks: M⁻¹ becomes well-populated
-    objective = SpiceObjective(feats, alpha, capacity=len(order), method=method)  # type: ignore[arg-type]
+    objective = SpiceObjective(feats, alpha, capacity=len(order), method=method, conflict_weight=0.25)  # type: ignore[arg-type]
     assert objective.method == method
     selected: list[int] = []
     for row in order:
-        gains, conflicts, scores = objective.scores(conflict_weight=0.25)
+        gains, conflicts, scores = objective.scores()
         for x in range(feats.shape[0]):
             assert gains[x].item() == pytest.approx(_logdet_gain(feats, selected, x, alpha), rel=1e-9, abs=1e-10)
             assert conflicts[x].item() == pytest.approx(_conflict(feats, selected, x), rel=1e-9, abs=1e-12)
@@ -61,13 +61,13 @@ def test_incremental_gains_match_logdet_for_every_candidate(method: str, alpha: 
 @pytest.mark.parametrize("method", ["primal", "dual"])
 def test_scores_at_equals_tracked_scores(method: str) -> None:
     feats = _features(40, 8, seed=1)
-    tracked = SpiceObjective(feats, 1.0, capacity=5, method=method)  # type: ignore[arg-type]
-    direct = SpiceObjective(feats, 1.0, capacity=5, method=method, track_rows=False)  # type: ignore[arg-type]
+    tracked = SpiceObjective(feats, 1.0, capacity=5, method=method, conflict_weight=0.5)  # type: ignore[arg-type]
+    direct = SpiceObjective(feats, 1.0, capacity=5, method=method, conflict_weight=0.5, rows="direct")  # type: ignore[arg-type]
     for row in [5, 9, 33, 2, 14]:
         tracked.add(feats[row])
         direct.add(feats[row])
         rows = torch.tensor([0, 7, 21, 39])
-        for a, b in zip(tracked.scores(0.5), direct.scores_at(rows, 0.5), strict=True):
+        for a, b in zip(tracked.scores(), direct.scores_at(rows), strict=True):
             torch.testing.assert_close(a[rows], b, rtol=1e-10, atol=1e-12)
 
 
@@ -95,23 +95,23 @@ def test_auto_method_follows_the_cheaper_side() -> None:
 def test_state_is_updated_by_a_vector_not_an_index() -> None:
     """A shard that never saw row j still reaches the same gains when handed g_j (the distributed contract)."""
     feats = _features(24, 5, seed=3)
-    whole = SpiceObjective(feats, 1.0, capacity=4)
-    shard = SpiceObjective(feats[12:], 1.0, capacity=4)
+    whole = SpiceObjective(feats, 1.0, capacity=4, conflict_weight=0.3)
+    shard = SpiceObjective(feats[12:], 1.0, capacity=4, conflict_weight=0.3)
     for row in [1, 20, 7, 15]:  # rows 1 and 7 live outside the shard
         whole.add(feats[row])
         shard.add(feats[row])
-    for a, b in zip(whole.scores(0.3), shard.scores(0.3), strict=True):
+    for a, b in zip(whole.scores(), shard.scores(), strict=True):
         torch.testing.assert_close(a[12:], b, rtol=1e-10, atol=1e-12)
 
 
 def test_restrict_starts_a_pool_midstream() -> None:
     feats = _features(60, 7, seed=4)
-    objective = SpiceObjective(feats, 1.0, capacity=6, track_rows=False)
+    objective = SpiceObjective(feats, 1.0, capacity=6, conflict_weight=0.1, rows="direct")
     selected = [2, 40, 11]
     for row in selected:
         objective.add(feats[row])
-    objective.restrict(torch.arange(30, 45))
-    gains, conflicts, _ = objective.scores(0.1)
+    objective.track(feats[30:45], "incremental")
+    gains, conflicts, _ = objective.scores()
     for local, x in enumerate(range(30, 45)):
         assert gains[local].item() == pytest.approx(_logdet_gain(feats, selected, x, 1.0), rel=1e-9, abs=1e-12)
         assert conflicts[local].item() == pytest.approx(_conflict(feats, selected, x), rel=1e-9, abs=1e-12)
@@ -133,8 +133,68 @@ def test_conflict_tracker_uses_the_mean_direction() -> None:
 def test_zero_vector_has_zero_gain_and_zero_conflict() -> None:
     feats = torch.zeros(3, 4, dtype=torch.float64)
     feats[0, 0] = 2.0
-    objective = SpiceObjective(feats, 1.0, capacity=2)
+    objective = SpiceObjective(feats, 1.0, capacity=2, conflict_weight=0.1)
     objective.add(feats[0])
-    gains, conflicts, _ = objective.scores(0.1)
+    gains, conflicts, _ = objective.scores()
     assert gains[1].item() == 0.0 and conflicts[1].item() == 0.0
     assert objective.logdet == pytest.approx(math.log(5.0))
+
+
+# --- bounds for the lazy greedy ---------------------------------------------------------------------------
+
+
+def _exact_s(feats: torch.Tensor, selected: list[int], alpha: float) -> torch.Tensor:
+    """``s_x = g_xᵀ (I + α F_S)⁻¹ g_x`` for every row, from an explicitly built and solved ``M`` (float64)."""
+    g = feats.double()
+    d = g.shape[1]
+    m = torch.eye(d, dtype=torch.float64) + alpha * g[selected].T @ g[selected]
+    return (g * torch.linalg.solve(m, g.T).T).sum(dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_bounds_bound_every_later_gain_and_screens_bracket_it(dtype: torch.dtype) -> None:
+    """`upper_bounds` (refreshed or stale) and `bound_after` never fall below a row's exact gain at any later
+    set; `screen_at` brackets the exact score now. Float32 features make the refresh product float32."""
+    alpha = 0.8
+    feats = _features(400, 10, seed=5).to(dtype)
+    objective = SpiceObjective(feats, alpha, capacity=60, conflict_weight=0.3, rows="bounds")
+    selected: list[int] = []
+    kept: list[tuple[int, torch.Tensor]] = []  # (step, bounds taken then)
+    order = torch.randperm(400, generator=torch.Generator().manual_seed(0))[:60].tolist()
+    for step, row in enumerate(order):
+        exact_gain = torch.log1p(alpha * _exact_s(feats, selected, alpha))
+        for _, bounds in kept:
+            assert bool((bounds >= exact_gain - 1e-12).all())  # valid for this later set (λ·c ≥ 0)
+        everything = torch.arange(400)
+        screen = objective.screen_at(everything)
+        exact = objective.scores_at(everything)
+        torch.testing.assert_close(exact.gains, exact_gain, rtol=1e-10, atol=1e-12)
+        assert bool((screen.lower <= exact.scores + 1e-15).all()) and bool((exact.scores <= screen.upper + 1e-15).all())
+        if step % 7 == 0:
+            kept.append((step, objective.upper_bounds().clone()))
+            kept.append((step, objective.bound_after(everything, exact.gains)))
+        if step % 11 == 10:
+            objective.refresh_bounds()
+        objective.add(feats[row])
+        selected.append(row)
+    assert objective.rows is not None and objective.bounds_version >= 5
+
+
+def test_fixed_conflict_reference_scores_against_the_given_direction() -> None:
+    feats = _features(50, 6, seed=8)
+    reference = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 1.0], dtype=torch.float64)
+    objective = SpiceObjective(feats, 1.0, capacity=5, conflict_weight=0.4, conflict_reference=reference)
+    for step in range(4):
+        gains, conflicts, scores = objective.scores()
+        for x in range(50):
+            g = feats[x]
+            cos = float(g @ reference) / (float(g.norm()) * float(reference.norm()) + CONFLICT_ETA)
+            assert conflicts[x].item() == pytest.approx(max(0.0, -cos), rel=1e-12, abs=1e-15)
+        torch.testing.assert_close(scores, gains - 0.4 * conflicts)
+        objective.add(feats[step * 3])
+    with pytest.raises(ValueError, match=r"shape \(6,\)"):
+        SpiceObjective(feats, 1.0, capacity=5, conflict_reference=torch.ones(5))
+    with pytest.raises(ValueError, match="zero vector"):
+        SpiceObjective(feats, 1.0, capacity=5, conflict_reference=torch.zeros(6))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        SpiceObjective(feats, 1.0, capacity=5, conflict_reference=torch.full((6,), float("nan")))

@@ -156,7 +156,9 @@ def distributed_greedy(
     run.reference = reference_gain
     run.reference_given = reference_gain is not None
     # Same state and method choice as the single-process exact greedy ("auto": dual while k < d).
-    objective = SpiceObjective(clean, config.fisher_scale, capacity=capacity, method="auto", track_rows=True)
+    objective = SpiceObjective(
+        clean, config.fisher_scale, capacity=capacity, conflict_weight=config.conflict_weight, rows="incremental"
+    )
     if init:
         # Every rank needs every initial vector, in order: owners fill their rows, one all_reduce(SUM).
         block = torch.zeros(len(init), d, dtype=torch.float64)
@@ -175,7 +177,9 @@ def distributed_greedy(
             entry = torch.zeros(_TABLE_WIDTH, dtype=torch.float64)
             if remaining > 0:
                 # The same pick rule as the single-process greedy (float32 screening, exact float64 decision).
-                at, gain_j, conflict_j, score_j = best_candidate(objective, ~mask, remaining, config.conflict_weight)
+                at, _, _, _ = best_candidate(objective, ~mask, remaining)
+                # The winner's numbers from the set state alone, as the single-process exact greedy records them.
+                gain_j, conflict_j, score_j = (value[0] for value in objective.scores_at(at.reshape(1)))
                 j = int(at)
                 entry[_HAS] = 1.0
                 entry[_SCORE] = score_j

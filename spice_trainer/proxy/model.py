@@ -285,7 +285,7 @@ class ProxyModel:
             logger.info("spice: the online proxy regime recomputes features as the proxy changes; feature_store unused")
         lam, alpha, omega = config.conflict_weight, config.fisher_scale, config.stop_ratio
         objective = SpiceObjective(
-            torch.zeros(0, config.proj_dim), alpha, capacity=len(init) + to_pick, track_rows=False
+            torch.zeros(0, config.proj_dim), alpha, capacity=len(init) + to_pick, conflict_weight=lam, rows="direct"
         )
         feature_seconds = refresh_seconds = 0.0
         taken = torch.zeros(n, dtype=torch.bool)
@@ -334,13 +334,12 @@ class ProxyModel:
                 available = int(mask.sum())
                 if available == 0:
                     continue
-                objective.features = torch.where(finite.unsqueeze(1), grads.features, torch.zeros(()))
-                objective.restrict(torch.arange(len(rows)))
+                objective.track(torch.where(finite.unsqueeze(1), grads.features, torch.zeros(())), "incremental")
                 blocked = ~mask
                 for _ in range(quota):
                     if available == 0:
                         break
-                    at, gain_t, conflict_t, score_t = best_candidate(objective, blocked, available, lam)
+                    at, gain_t, conflict_t, score_t = best_candidate(objective, blocked, available)
                     pos, gain, score, conflict = torch.stack(
                         [at.to(score_t.dtype), gain_t, score_t, conflict_t]
                     ).tolist()
