@@ -29,7 +29,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from spice_trainer.config import FeatureNorm, GreedyKind, ModeKind, ProjectionKind, SpiceConfig, StopOn
+from spice_trainer.config import (
+    ExactSearch,
+    FeatureNorm,
+    GreedyKind,
+    ModeKind,
+    ProjectionKind,
+    SpiceConfig,
+    StopOn,
+)
 
 __all__ = ["PREFIX", "SpiceArguments", "config_field_help"]
 
@@ -160,6 +168,7 @@ class SpiceArguments:
     # --- greedy regime -------------------------------------------------------------------
     spice_seed: int = _spice_field("seed")
     spice_greedy: GreedyKind = _spice_field("greedy")
+    spice_exact_search: ExactSearch = _spice_field("exact_search")
     spice_stochastic_epsilon: float = _spice_field("stochastic_epsilon")
     spice_pool_size: int = _spice_field("pool_size")
     spice_picks_per_pool: int = _spice_field("picks_per_pool")
