@@ -410,15 +410,19 @@ def curve_tables(records: list[dict[str, Any]], method: str, baseline: str | Non
             scoped = [r for r in records if r["world"] == world and r["scenario"] == scenario]
             if not scoped:
                 continue
-            curve = {}
+            curve: dict[float, tuple[float, float]] = {}
+            cells = []
             for size in sizes:
-                accs = [
-                    r["accuracy"] for r in scoped if r["method"] == method and r["budget"] == size and not r["stops"]
-                ]
-                if accs:
-                    curve[size] = compare.mean_sd(accs)
+                rs = [r for r in scoped if r["method"] == method and r["budget"] == size and not r["stops"]]
+                if not rs:
+                    cells.append("—")
+                    continue
+                curve[size] = compare.mean_sd([r["accuracy"] for r in rs])
+                share = compare.mean_sd([r["rows"] / r["pool_size"] for r in rs])[0]
+                # a run that found fewer eligible rows than the budget says how many it selected
+                short = share < size - 0.5 / rs[0]["pool_size"]
+                cells.append(f"{curve[size][0]:.3f}" + (f" ({share:.1%})" if short else ""))
             stop = [r for r in scoped if r["method"] == method and r["stops"]]
-            cells = [f"{curve[s][0]:.3f}" if s in curve else "—" for s in sizes]
             best_size = max(curve, key=lambda s: curve[s][0]) if curve else None
             if stop and best_size is not None:
                 stop_acc = compare.mean_sd([r["accuracy"] for r in stop])
@@ -435,43 +439,47 @@ def curve_tables(records: list[dict[str, Any]], method: str, baseline: str | Non
                     base_cells.append(f"{compare.mean_sd(accs)[0]:.3f}" if accs else "—")
             best = f"{best_size:g}: {curve[best_size][0]:.3f}" if best_size is not None else "—"
             rows.append([world, scenario, *cells, best, stop_cell, ratio, " / ".join(base_cells) or "—"])
-    header = ["world", "scenario", *[f"{s:.1%}" for s in sizes], "best", "stop (share of pool)", "stop/best"]
+    header = ["world", "scenario", *[f"{s:.1%}" for s in sizes], "best", "stop: share of pool (reason): accuracy"]
+    header.append("stop/best")
     header.append(f"{baseline} at the same sizes" if baseline else "baseline")
     return compare.markdown_table(header, rows)
 
 
 def plot_curves(records: list[dict[str, Any]], method: str, baseline: str | None, out: Path) -> None:
+    """One figure per world: accuracy against the share of the pool actually selected, the stop starred."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         print("matplotlib missing: no plots")
         return
     for world in [w for w in W.WORLDS if any(r["world"] == w for r in records)]:
-        fig = Figure(figsize=(12, 4))
-        axes = fig.subplots(1, len(W.SCENARIO_NAMES), squeeze=False)[0]
-        for ax, scenario in zip(axes, W.SCENARIO_NAMES, strict=True):
+        scenarios = [s for s in W.SCENARIO_NAMES if any(r["world"] == world and r["scenario"] == s for r in records)]
+        fig = Figure(figsize=(6 * len(scenarios), 4))
+        axes = fig.subplots(1, len(scenarios), squeeze=False)[0]
+        for ax, scenario in zip(axes, scenarios, strict=True):
             scoped = [r for r in records if r["world"] == world and r["scenario"] == scenario]
             for label, style in ((method, "o-"), (baseline, "s--")):
                 if not label:
                     continue
-                sizes = sorted({r["budget"] for r in scoped if r["method"] == label and not r["stops"]})
-                stats = [
-                    compare.mean_sd(
-                        [r["accuracy"] for r in scoped if r["method"] == label and r["budget"] == s and not r["stops"]]
-                    )
-                    for s in sizes
-                ]
-                if stats:
-                    ax.errorbar(
-                        sizes, [m for m, _ in stats], yerr=[sd for _, sd in stats], fmt=style, label=label, capsize=3
-                    )
+                points = []
+                for size in sorted({r["budget"] for r in scoped if r["method"] == label and not r["stops"]}):
+                    rs = [r for r in scoped if r["method"] == label and r["budget"] == size and not r["stops"]]
+                    share = compare.mean_sd([r["rows"] / r["pool_size"] for r in rs])[0]
+                    points.append((share, *compare.mean_sd([r["accuracy"] for r in rs])))
+                if points:
+                    xs, ys, sds = zip(*points, strict=True)
+                    ax.errorbar(xs, ys, yerr=sds, fmt=style, label=label, capsize=3)
             stop = [r for r in scoped if r["method"] == method and r["stops"]]
             if stop:
                 x = compare.mean_sd([r["rows"] / r["pool_size"] for r in stop])[0]
                 y = compare.mean_sd([r["accuracy"] for r in stop])[0]
-                ax.plot([x], [y], "r*", markersize=14, label=f"stop (cap {stop[0]['budget']:g})")
+                ax.plot(
+                    [x], [y], "r*", markersize=14, label=f"{method} with its stopping rule (cap {stop[0]['budget']:g})"
+                )
                 ax.axvline(x, color="r", linestyle=":", linewidth=1)
             ax.set_xscale("log")
+            ax.set_xticks(list(CURVE_SIZES), [f"{s:.1%}" for s in CURVE_SIZES])
+            ax.minorticks_off()
             ax.set_xlabel("selected share of the pool")
             ax.set_ylabel("exact match")
             ax.set_ylim(0, 1)
