@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -490,6 +491,54 @@ def plot_curves(records: list[dict[str, Any]], method: str, baseline: str | None
         fig.savefig(out / world / "curve.png", dpi=100)
 
 
+# --- what the worlds are -------------------------------------------------------------------------
+
+
+def describe_worlds(args: argparse.Namespace, out: Path) -> str:
+    """Per world: the base model's accuracy, and its loss on each kind of row (median over both pools' rows,
+    mean of the per-seed medians) — what makes each world what it is."""
+    worlds = _names(args.worlds, W.WORLDS)
+    seeds = list(range(args.seeds or (2 if args.quick else 3)))
+    kinds = ("clean", "solved", "almost", "surprising", "prior", "duplicate")
+    rows, detail_rows = [], []
+    for name in worlds:
+        spec = W.WORLDS[name]
+        accs: list[float] = []
+        medians: dict[str, list[float]] = {}
+        for seed in seeds:
+            world = W.load_world(spec, seed, cache_dir=args.cache_dir, pool_size=pool_size_for(spec, args))
+            accs.append(demo_world.evaluate(world.base_model, world.tokenizer, world.tests)["mean"])
+            by: dict[str, list[float]] = {}
+            for pool in world.pools.values():
+                losses = W.row_losses(world.base_model, world.tokenizer, pool.rows).tolist()
+                for loss, detail, task in zip(losses, pool.details, pool.tasks, strict=True):
+                    by.setdefault(W.DETAIL_KIND[detail], []).append(loss)
+                    by.setdefault(f"{detail}", []).append(loss)
+                    if detail in ("clean", "prior-rule", "almost", "near-miss"):
+                        by.setdefault(f"{detail} ({task})", []).append(loss)
+            for key, values in by.items():
+                medians.setdefault(key, []).append(statistics.median(values))
+            print(f"[{name} seed {seed}] base accuracy {accs[-1]:.3f}", flush=True)
+        cells = [f"{statistics.fmean(medians[k]):.3f}" if k in medians else "—" for k in kinds]
+        rows.append([name, compare.format_pm(compare.mean_sd(accs)), *cells])
+        for key in sorted(k for k in medians if k not in kinds):
+            detail_rows.append([name, key, f"{statistics.fmean(medians[key]):.3f}"])
+    text = "\n".join(
+        [
+            f"Base-model loss per kind (nats per completion token; median over both pools' rows, mean over "
+            f"{len(seeds)} seeds) and base accuracy (exact match before fine-tuning):",
+            "",
+            compare.markdown_table(["world", "base accuracy", *kinds], rows),
+            "",
+            "Per detail (and task):",
+            "",
+            compare.markdown_table(["world", "detail", "median loss"], detail_rows),
+        ]
+    )
+    (out / "worlds.md").write_text(text + "\n", encoding="utf-8")
+    return text
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -508,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant", action="append", default=[], help="extra SPICE method NAME=field:value,... (repeatable)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--describe", action="store_true", help="base-model accuracy and loss per row kind")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in records.jsonl / curve.jsonl")
     from spice_trainer.cli.compare import add_data_arguments
 
@@ -531,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.describe:
+        print(describe_worlds(args, out))
+        return 0
     if args.dataset:
         from spice_trainer.cli.compare import run_compare
         from spice_trainer.cli.errors import CliError

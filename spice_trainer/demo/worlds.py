@@ -807,12 +807,26 @@ def build_base_model(world: str | WorldSpec, seed: int = 0, *, cache_dir: str | 
         result.final_loss,
     )
     if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder)
-        meta = {"world": asdict(spec), "seed": seed, "seconds": seconds, "final_loss": result.final_loss}
-        (folder / "world.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        _save_atomically(model, folder, {"world": asdict(spec), "seed": seed, "seconds": seconds})
     model.eval()
     return tokenizer, model
+
+
+def _save_atomically(model: Any, folder: Path, meta: dict[str, Any]) -> None:
+    """Write the model next to ``folder`` and rename it into place, so that a concurrent reader never loads a
+    half-written model (when two processes build the same one, the first rename wins)."""
+    import os
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    model.save_pretrained(tmp)
+    (tmp / "world.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.no_grad()
