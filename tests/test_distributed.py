@@ -81,6 +81,11 @@ def torchrun(script: str, nproc: int, *args: str, timeout: float = 240, env: dic
     return output
 
 
+def _rule(case: dict[str, Any]) -> Any:
+    """A fresh stopping rule for a case that names one (rules keep state: one object per run)."""
+    return case["stopping"]() if "stopping" in case else None
+
+
 def _per_rank(out: Path, nproc: int) -> list[dict[str, Any]]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
@@ -160,8 +165,10 @@ def test_distributed_greedy_in_one_process_equals_single_process() -> None:
         feats = case["features"]
         n = feats.shape[0]
         kwargs = {"initial": case.get("initial"), "reference_gain": case.get("reference_gain")}
-        got = distributed_greedy(feats, range(n), n, case["config"], local_eligible=case.get("eligible"), **kwargs)
-        ref = select_from_features(feats, case["config"], eligible=case.get("eligible"), **kwargs)
+        got = distributed_greedy(
+            feats, range(n), n, case["config"], local_eligible=case.get("eligible"), stopping=_rule(case), **kwargs
+        )
+        ref = select_from_features(feats, case["config"], eligible=case.get("eligible"), stopping=_rule(case), **kwargs)
         _assert_same_selection(got.to_dict(), ref.to_dict())
         assert got.metadata["method"] == ref.metadata["method"], name
 
@@ -231,6 +238,7 @@ def test_distributed_greedy_equals_single_process(tmp_path: Path, nproc: int) ->
             initial=case.get("initial"),
             eligible=case.get("eligible"),
             reference_gain=case.get("reference_gain"),
+            stopping=_rule(case),
         ).to_dict()
         for res in ranks:
             _assert_same_selection(res[name], ref)
@@ -238,6 +246,9 @@ def test_distributed_greedy_equals_single_process(tmp_path: Path, nproc: int) ->
     assert ranks[0]["stop_on_rank1_rows"]["stop_reason"] == "early_stop"
     assert ranks[0]["stop_on_rank1_rows"]["indices"] == [0, 1, 2]
     assert ranks[0]["exhausted"]["stop_reason"] == "exhausted"
+    # Rules of the StoppingRule interface: both stop inside the budget, at the same pick on every rank.
+    for name in ("plateau_rule", "posthoc_cut"):
+        assert ranks[0][name]["stop_reason"] == "early_stop" and 0 < len(ranks[0][name]["indices"]) < 30, name
 
 
 # --- full Trainer runs -----------------------------------------------------------------------------

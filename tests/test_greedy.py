@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.core.greedy import select_from_features
-from spice_trainer.core.objective import CONFLICT_ETA
+from spice_trainer.core.greedy import (
+    REGIMES,
+    SEARCHES,
+    Candidate,
+    ExactSource,
+    run_greedy,
+    select_from_features,
+)
+from spice_trainer.core.objective import CONFLICT_ETA, SpiceObjective
+from spice_trainer.core.stopping import NeverStop, RatioStop
 
 
 def _features(n: int, d: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -37,8 +45,10 @@ def _brute_force(
     *,
     initial: tuple[int, ...] = (),
     eligible: list[bool] | None = None,
+    reference: torch.Tensor | None = None,
 ) -> tuple[list[int], list[float], list[float]]:
-    """Greedy on Δ − λc with every quantity recomputed from scratch; ties → lowest index."""
+    """Greedy on Δ − λc with every quantity recomputed from scratch; ties → lowest index. ``reference``: a
+    fixed conflict direction instead of the selected set's mean."""
     feats = feats.double()
     n = feats.shape[0]
     selected = list(initial)
@@ -52,8 +62,8 @@ def _brute_force(
             if x in selected or (eligible is not None and not eligible[x]):
                 continue
             gain = _logdet(feats, [*selected, x], alpha) - base
-            if selected:
-                mean = feats[selected].mean(dim=0)
+            if selected or reference is not None:
+                mean = feats[selected].mean(dim=0) if reference is None else reference.double()
                 g = feats[x]
                 cos = float(g @ mean) / (float(g.norm()) * float(mean.norm()) + CONFLICT_ETA)
                 conflict = max(0.0, -cos)
@@ -488,3 +498,93 @@ def test_lazy_greedy_with_initial_rows_masks_and_early_stopping() -> None:
     )
     assert lazy.indices == incremental.indices and lazy.stop_reason == incremental.stop_reason == "early_stop"
     assert all(mask[i] for i in lazy.indices)
+
+
+# --- a fixed conflict reference --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("greedy", "search"), [("exact", "lazy"), ("exact", "incremental"), ("pooled", "lazy")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_fixed_conflict_reference_matches_the_brute_force(greedy: str, search: str, dtype: torch.dtype) -> None:
+    """``c_x = max(0, −cos(g_x, r))`` against a given ``r``, from the first pick on (the set's mean is unused)."""
+    feats = _features(60, 5, seed=17, dtype=dtype)
+    reference = torch.tensor([1.0, 0.5, -0.2, 0.0, 2.0])
+    cfg = _cfg(budget=14, conflict_weight=0.8, greedy=greedy, exact_search=search, pool_size=60, picks_per_pool=14)
+    sel = select_from_features(feats, cfg, conflict_reference=reference)
+    picks, gains, conflicts = _brute_force(feats, 14, 1.0, 0.8, reference=reference)
+    assert sel.indices == picks
+    assert sel.gains == pytest.approx(gains, rel=1e-9, abs=1e-12)
+    assert sel.conflicts == pytest.approx(conflicts, rel=1e-9, abs=1e-12)
+    assert sel.conflicts[0] > 0 or feats[picks[0]].double() @ reference.double() >= 0  # c applies to the first pick
+    assert sel.metadata["conflict_reference"] == "fixed"
+    # It changes the picks against the set's mean (the premise of the option).
+    assert picks != _brute_force(feats, 14, 1.0, 0.8)[0]
+
+
+def test_a_fixed_conflict_reference_with_the_lazy_search_on_a_large_pool() -> None:
+    """The lazy bounds subtract λ times the (constant) conflict: still the incremental greedy's picks."""
+    feats = _mixture(2500, 16, 23, torch.float32)
+    feats[::4] *= -1.0
+    reference = feats[:200].double().mean(dim=0)
+    lazy = select_from_features(feats, _cfg(budget=250, conflict_weight=0.5), conflict_reference=reference)
+    incremental = select_from_features(
+        feats, _cfg(budget=250, conflict_weight=0.5, exact_search="incremental"), conflict_reference=reference
+    )
+    assert lazy.indices == incremental.indices and lazy.metadata["shortlist_rebuilds"] > 1
+    with pytest.raises(ValueError, match=r"shape \(16,\)"):
+        select_from_features(feats, _cfg(budget=5), conflict_reference=torch.ones(3))
+
+
+# --- the loop, with a scripted source ----------------------------------------------------------------------
+
+
+class _Scripted:
+    """A `CandidateSource` that offers fixed (row, score) candidates, block by block."""
+
+    def __init__(self, blocks: list[list[tuple[int, float]]]) -> None:
+        self.blocks, self.block, self.at, self.accepted = blocks, 0, 0, []
+
+    def propose(self) -> Candidate | None:
+        if self.at >= len(self.blocks[self.block]):
+            return None
+        row, score = self.blocks[self.block][self.at]
+        return Candidate(row, score, 0.0, score, score)
+
+    def accept(self, candidate: Candidate) -> None:
+        self.accepted.append(candidate.row)
+        self.at += 1
+
+    def next_block(self) -> bool:
+        if self.block + 1 >= len(self.blocks):
+            return False
+        self.block, self.at = self.block + 1, 0
+        return True
+
+    def metadata(self) -> dict[str, object]:
+        return {}
+
+
+def test_the_loop_stops_for_the_documented_reasons() -> None:
+    one = [[(0, 5.0), (1, 4.0), (2, 1.0), (3, 0.5)]]
+    assert run_greedy(_Scripted(one), NeverStop(), 2).stop_reason == "budget"
+    run = run_greedy(_Scripted(one), NeverStop(), 9)
+    assert run.rows == [0, 1, 2, 3] and run.stop_reason == "exhausted"
+    run = run_greedy(_Scripted(one), RatioStop(0.5), 9)  # 1.0 <= 0.5 × 5.0 is refused
+    assert run.rows == [0, 1] and run.stop_reason == "early_stop" and run.rule_stops == 1
+    # Blocks: a refusal ends the block, the next one opens; a stream that runs out after a refusal is an early stop.
+    stream = [[(0, 5.0), (1, 1.0), (2, 4.0)], [(10, 4.5), (11, 3.0)], [(20, 2.0)]]
+    run = run_greedy(_Scripted(stream), RatioStop(0.5), 9)
+    assert run.rows == [0, 10, 11] and run.rule_stops == 2 and run.stop_reason == "early_stop"
+    run = run_greedy(_Scripted(stream), NeverStop(), 9)
+    assert run.rows == [0, 1, 2, 10, 11, 20] and run.stop_reason == "exhausted"
+    assert run.history.scores == [5.0, 1.0, 4.0, 4.5, 3.0, 2.0] and run.bases == run.history.scores
+    assert run_greedy(_Scripted(stream), NeverStop(), 0).stop_reason == "budget"
+
+
+def test_regimes_and_searches_are_looked_up_by_name() -> None:
+    assert set(REGIMES) == {"exact", "stochastic", "pooled"}
+    assert set(SEARCHES) == {"lazy", "incremental"}
+    feats = _features(50, 4, seed=2)
+    objective = SpiceObjective(feats[:0], 1.0, capacity=5, rows="direct")
+    with pytest.raises(ValueError, match="search must be one of"):
+        ExactSource(objective, feats, torch.ones(50, dtype=torch.bool), search="greedy")

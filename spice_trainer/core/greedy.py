@@ -1,16 +1,21 @@
-"""The SPICE selection loops: exact, stochastic and pooled greedy, with early stopping.
+"""The SPICE greedy: one selection loop, candidate sources looked up by name, and the public entry point.
 
-The loops only compare numbers; every gain, conflict and score comes from `spice_trainer.core.objective`
-(apricot's split between optimizers and functions). The public entry point is `select_from_features`.
+apricot's split (``apricot/optimizers.py`` vs ``apricot/functions/``): every gain, conflict and score comes from
+an `spice_trainer.core.objective.Objective`; the code here only compares numbers. Three layers:
 
-Greedy rule (DESIGN.md section 1): pick ``argmax_x Δ_x(S) − λ c_x(S)`` over eligible, unpicked rows;
-ties go to the lowest row index (``torch.argmax`` returns the first maximum).
+- **the loop** (`run_greedy`): asks a `CandidateSource` for the best candidate, asks the `StoppingRule`
+  (`spice_trainer.core.stopping`) whether to take it, and records the pick. The stopping rule, the stop
+  reasons and the `Selection` assembly (`selection_from_run`) exist only here.
+- **candidate sources** (the regimes, `REGIMES`, looked up by `SpiceConfig.greedy`): ``"exact"`` (`ExactSource`:
+  the exact argmax over the whole pool), ``"stochastic"`` (`StochasticSource`: the best of a random sample) and
+  ``"pooled"`` (`PooledSource`: exact greedy inside consecutive pools, the paper's stream; its pools may come
+  from a feature function with a callback before each pool, which is how the proxy's online regime runs). The
+  distributed greedy (`spice_trainer.distributed.greedy`) is another source over an `ExactSource` per rank.
+- **searches** (`SEARCHES`, looked up by `SpiceConfig.exact_search`): how an exact source finds its argmax,
+  ``"lazy"`` (`LazySearch`) or ``"incremental"`` (`IncrementalSearch`). Same picks.
 
-Early stopping (SPICE+, ``ω`` = ``stop_ratio``): the pick at step ``t`` is evaluated, and if its watched
-quantity (``stop_on="gain"``: ``Δ``, the paper; ``"score"``: ``Δ − λc``) is ``≤ ω · reference`` the run
-stops *without* adding that pick (the paper's "stop at the first step where the gain is ≤ ω · first").
-``reference`` is ``reference_gain`` when given (then the rule applies from the first pick on), else the
-first pick's ``Δ`` of this call (then the rule applies from the second pick on; the first pick is kept).
+Greedy rule (DESIGN.md section 1): pick ``argmax_x Δ_x(S) − λ c_x(S)`` over eligible, unpicked rows; scores
+within `TIE` (relative) of the best count as tied and the lowest row wins.
 """
 
 from __future__ import annotations
@@ -18,321 +23,57 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.core.objective import FisherMethod, RowState, SpiceObjective
-from spice_trainer.core.selection import Selection, StopReason
+from spice_trainer.core.objective import (
+    BoundedObjective,
+    FisherMethod,
+    IncrementalObjective,
+    Objective,
+    RowState,
+    SpiceObjective,
+)
+from spice_trainer.core.selection import Selection
+from spice_trainer.core.stopping import PickHistory, StoppingRule, StopReason, check_cut, stopping_rule
 
 logger = logging.getLogger(__name__)
 
-#: Candidates re-scored exactly per pick when rows are tracked in float32 (see `_greedy_block`).
+__all__ = [
+    "REGIMES",
+    "SEARCHES",
+    "TIE",
+    "Candidate",
+    "CandidateSource",
+    "ExactSource",
+    "GreedyRun",
+    "IncrementalSearch",
+    "LazySearch",
+    "PooledSource",
+    "Search",
+    "StochasticSource",
+    "best_candidate",
+    "check_initial",
+    "lowest_best",
+    "progress_bar",
+    "run_greedy",
+    "select_from_features",
+    "selection_from_run",
+]
+
+#: Candidates re-scored exactly per pick when rows are tracked in float32 (see `best_candidate`).
 _REFINE = 8
 #: At most this many rows tied exactly at the screening cut are re-scored (the lowest positions).
 _TIED = 64
-#: Rows the lazy greedy re-scores in a pick's first batch, at least (it follows the last pick's count).
-#: The lazy greedy's first shortlist length, and the picks under which a shortlist counts as short-lived (it
+#: The lazy search's first shortlist length, and the picks under which a shortlist counts as short-lived (it
 #: then doubles). Measured on bench/greedy.py's n = 14,000, d = 256, k = 1,400: 512 and 8 (256-1,024, 4-32 within 25 %).
 _SHORTLIST = 512
 _SHORTLIST_GROW = 8
-
-__all__ = ["select_from_features"]
-
-
-def select_from_features(
-    features: torch.Tensor,
-    config: SpiceConfig,
-    *,
-    initial: Sequence[int] | None = None,
-    eligible: torch.Tensor | None = None,
-    reference_gain: float | None = None,
-    show_progress: bool = False,
-) -> Selection:
-    """Choose a subset of the rows of ``features`` with the SPICE greedy.
-
-    Maximises ``score_x = Δ_x(S) − λ c_x(S)`` one pick at a time, with
-    ``Δ_x(S) = log(1 + α g_xᵀ (I + α F_S)⁻¹ g_x)`` maintained exactly and incrementally (no ``n × n``
-    kernel) and ``c_x(S) = max(0, −cos(g_x, ḡ_S))``. ``α`` = ``config.fisher_scale``,
-    ``λ`` = ``config.conflict_weight``, ``ω`` = ``config.stop_ratio``. Feature normalisation and loss
-    guards are *not* applied here (the gradient stage and the pipeline do that).
-
-    Regimes (``config.greedy``):
-
-    - ``"exact"``: every pick is the exact argmax over all remaining eligible rows; ``O(n d)`` per pick.
-    - ``"stochastic"``: each pick scores a uniform random sample of ``⌈(n/k) ln(1/ε)⌉`` remaining eligible
-      rows (Mirzasoleiman et al. 2015, ``ε`` = ``config.stochastic_epsilon``, ``n`` = eligible rows,
-      ``k`` = picks to make) directly from the ``d × d`` state, seeded by ``config.seed``; ``O(s d²)`` per pick.
-    - ``"pooled"``: rows are cut in order into pools of ``config.pool_size``; exact greedy makes up to
-      ``config.picks_per_pool`` picks inside each pool, the selected set carried across pools (the
-      paper's streaming regime). Early stopping ends a *pool's* picks (the reference stays the very first
-      pick's gain of the run, or ``reference_gain``) and the stream goes on to the next pool. The result
-      equals running exact greedy on each pool in turn with ``initial`` = everything picked so far.
-
-    Stop reasons: ``"budget"`` (``len(initial) + picks == config.budget_count(n)``), ``"early_stop"``
-    (the rule above fired; for pooled: at least one pool stopped early and the budget was not reached),
-    ``"exhausted"`` (no eligible candidate left, or the stream of pools ran out).
-
-    Zero feature vectors have ``Δ = 0`` and ``c = 0`` (score 0): they are picked only when every other
-    eligible row scores ``≤ 0``, and once one would be picked, early stopping (any ``ω ≥ 0``) ends the run.
-
-    Args:
-        features: ``(n, d)`` float32/float64/bfloat16/float16 features, on CPU or CUDA; all the work stays
-            on ``features.device`` (state in float64).
-        config: uses ``budget``, ``fisher_scale``, ``conflict_weight``, ``stop_ratio``, ``stop_on``, ``greedy``,
-            ``stochastic_epsilon``, ``pool_size``, ``picks_per_pool``, ``seed``.
-        initial: rows already selected (mode ``"grow"``), inserted into ``S`` first in the given order; they
-            are never re-picked, not recorded as picks, and count towards the budget (if they already fill
-            it, nothing is picked and the stop reason is ``"budget"``).
-        eligible: ``(n,)`` bool mask of rows that may be picked; rows with non-finite features are never
-            eligible.
-        reference_gain: base of early stopping; ``None`` = the first pick's ``Δ`` of this call.
-        show_progress: show a tqdm bar over the picks.
-
-    Returns:
-        A `Selection`; ``metadata`` holds ``seconds``, ``greedy``, ``method`` (``"primal"``/``"dual"``),
-        ``reference_gain`` (the value used), ``n_eligible`` and regime details.
-
-    Raises:
-        TypeError: ``features`` is not a floating tensor, or ``eligible`` is not a bool tensor.
-        ValueError: ``features`` is not 2-D or is empty, every row is non-finite, every finite row is exactly
-            zero (no information to select on), the budget exceeds ``n``,
-            ``initial`` has out-of-range, duplicated or non-finite rows, ``eligible`` has the wrong shape.
-    """
-    start = time.perf_counter()
-    feats = _check_features(features)
-    n = feats.shape[0]
-    budget = config.budget_count(n)
-    finite = _finite_rows(feats)
-    n_finite = int(finite.sum())
-    if n_finite == 0:
-        raise ValueError(
-            f"every row of features ({n} rows) has a NaN or inf entry; nothing can be selected. "
-            "Check the gradient pass (e.g. a diverged model or a loss of inf)"
-        )
-    skipped = (~finite).nonzero().flatten().tolist() if n_finite < n else []
-    # Zero the non-finite rows so that no matmul propagates NaN; they are never eligible.
-    clean = feats if not skipped else torch.where(finite.unsqueeze(1), feats, torch.zeros((), dtype=feats.dtype))
-    if not bool(clean.any()):
-        # Every gain would be 0: the "selection" would be the first rows by index, which looks like a
-        # result but carries no information. Say so instead.
-        raise ValueError(
-            f"every finite row of features ({n_finite} of {n}) is exactly zero, so every gain is 0 and there is "
-            "nothing to select on. The gradients carry no signal: check that the loss reaches the LoRA adapter "
-            "(both lora_A and lora_B at zero, a disabled/merged adapter, or every label masked)"
-        )
-    init = _check_initial(initial, n, skipped)
-    mask = finite.clone()
-    if eligible is not None:
-        mask &= _check_eligible(eligible, n, feats.device)
-    if init:
-        mask[torch.tensor(init, device=feats.device)] = False
-    n_eligible = int(mask.sum())
-    if skipped:
-        logger.warning("spice: %d of %d rows have non-finite features; they are never picked", len(skipped), n)
-
-    to_pick = max(0, budget - len(init))
-    capacity = len(init) + to_pick
-    run = _Run(conflict_weight=config.conflict_weight, stop_ratio=config.stop_ratio, stop_on=config.stop_on)
-    run.reference = reference_gain
-    run.reference_given = reference_gain is not None
-    metadata: dict[str, Any] = {"greedy": config.greedy, "n_eligible": n_eligible, "budget": budget}
-
-    # Incremental greedy keeps every row's gain; exact (lazy) greedy keeps upper bounds; stochastic evaluates
-    # samples from the d × d state (primal); pooled tracks one pool at a time.
-    method: FisherMethod = "primal" if config.greedy == "stochastic" else "auto"
-    objective = SpiceObjective(
-        clean[:0],
-        config.fisher_scale,
-        capacity=capacity,
-        method=method,
-        conflict_weight=config.conflict_weight,
-        rows="direct",
-    )
-    for row in init:
-        objective.add(clean[row])
-    rows: RowState = "direct"
-    if config.greedy == "exact":
-        rows = "bounds" if config.exact_search == "lazy" else "incremental"
-    objective.track(clean, rows)
-    run.initial_logdet = objective.logdet
-    progress = _progress(to_pick, show_progress)
-    reason: StopReason
-    try:
-        if config.greedy == "exact" and config.exact_search == "lazy":
-            reason, lazy = _lazy_block(objective, mask, to_pick, n_eligible, run, progress=progress)
-            metadata["shortlist_rebuilds"] = lazy.rebuilds
-        elif config.greedy == "exact":
-            reason = _greedy_block(objective, mask, to_pick, n_eligible, run, offset=0, progress=progress)
-        elif config.greedy == "stochastic":
-            reason, sample_size = _stochastic(objective, mask, to_pick, n_eligible, run, config, progress)
-            metadata["sample_size"] = sample_size
-        else:
-            reason, pools, stopped = _pooled(objective, clean, mask, to_pick, run, config, progress)
-            metadata["pools_visited"] = pools
-            metadata["pools_stopped_early"] = stopped
-    finally:
-        if progress is not None:
-            progress.close()
-    if to_pick == 0:
-        reason = "budget"
-
-    indices = run.indices
-    recorded = run.values.tolist()
-    gains = [pair[0] for pair in recorded]
-    conflicts = [pair[1] for pair in recorded]
-    picked_rows = torch.tensor(indices, device=feats.device, dtype=torch.long)
-    picked = clean[picked_rows].to(torch.float64)
-    base = torch.log1p(config.fisher_scale * (picked * picked).sum(dim=1)).tolist() if indices else []
-    lam = config.conflict_weight
-    cumulative = np.cumsum([run.initial_logdet, *gains])[1:].tolist()
-    metadata["method"] = objective.method
-    metadata["reference_gain"] = run.reference
-    metadata["initial_objective"] = run.initial_logdet
-    metadata["seconds"] = time.perf_counter() - start
-    selection = Selection.from_picks(
-        indices=list(indices),
-        gains=gains,
-        base_gains=base,
-        conflicts=conflicts,
-        conflict_weight=lam,
-        objective=cumulative,
-        stop_reason=reason,
-        n_candidates=n,
-        skipped=skipped,
-        initial=init,
-        config=config.to_dict(),
-        metadata=metadata,
-    )
-    # DEBUG: the callback and the command line write one line per round with these numbers (and the exclusions).
-    logger.debug(
-        "spice: picked %d (+%d initial) of %d in %.2fs, stop=%s",
-        len(indices),
-        len(init),
-        n,
-        metadata["seconds"],
-        reason,
-    )
-    return selection
-
-
-# ---------------------------------------------------------------------------------------------
-# loops
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Run:
-    """The picks recorded so far and the early-stopping state, shared by the loops."""
-
-    conflict_weight: float
-    stop_ratio: float | None
-    stop_on: str
-    reference: float | None = None
-    reference_given: bool = False
-    initial_logdet: float = 0.0
-    indices: list[int] = field(default_factory=list)
-    # (Δ, c) per pick in one growing (capacity, 2) buffer on the features' device: no per-pick tensor outlives
-    # its pick (thousands of tiny long-lived tensors fragment the allocator's heap, measured in bench/greedy.py).
-    _buffer: torch.Tensor | None = None
-
-    def should_stop(self, gain: float, score: float) -> bool:
-        """The SPICE+ rule for a candidate pick (see the module docstring); sets the reference on first use."""
-        if self.reference is None:
-            self.reference = gain  # the first pick defines the reference and is kept
-            return False
-        if self.stop_ratio is None:
-            return False
-        watched = gain if self.stop_on == "gain" else score
-        return watched <= self.stop_ratio * self.reference
-
-    @property
-    def values(self) -> torch.Tensor:
-        """``(picks, 2)``: ``(Δ, c)`` per pick."""
-        if self._buffer is None:
-            return torch.zeros(0, 2, dtype=torch.float64)
-        return self._buffer[: len(self.indices)]
-
-    @property
-    def gains(self) -> list[torch.Tensor]:
-        """``Δ`` per pick (0-d tensors)."""
-        return list(self.values[:, 0])
-
-    @property
-    def conflicts(self) -> list[torch.Tensor]:
-        """``c`` per pick (0-d tensors)."""
-        return list(self.values[:, 1])
-
-    def record(self, row: int, gain: torch.Tensor, conflict: torch.Tensor) -> None:
-        """Append a pick; ``gain`` and ``conflict`` are 0-d tensors (copied, never kept)."""
-        t = len(self.indices)
-        if self._buffer is None or t == self._buffer.shape[0]:
-            grown = torch.zeros(max(64, 2 * t), 2, dtype=torch.float64, device=gain.device)
-            if self._buffer is not None:
-                grown[:t] = self._buffer
-            self._buffer = grown
-        self._buffer[t, 0] = gain
-        self._buffer[t, 1] = conflict
-        self.indices.append(row)
-
-
-def _greedy_block(
-    objective: SpiceObjective,
-    mask: torch.Tensor,
-    quota: int,
-    remaining: int,
-    run: _Run,
-    *,
-    offset: int,
-    progress: Any,
-) -> StopReason:
-    """Exact greedy over the rows the objective tracks (all rows, or a pool starting at row ``offset``).
-
-    ``mask: (m,)`` marks the tracked rows available at the start; ``remaining`` is its count. Each pick is
-    `best_candidate`.
-    """
-    blocked = ~mask
-    for _ in range(quota):
-        if remaining == 0:
-            return "exhausted"
-        at, gain_t, conflict_t, score_t = best_candidate(objective, blocked, remaining)
-        pos, gain, score = torch.stack([at.to(score_t.dtype), gain_t, score_t]).tolist()  # one sync per pick
-        local = int(pos)
-        if run.should_stop(gain, score):
-            return "early_stop"
-        row = offset + local
-        objective.add(objective.vector(local))
-        blocked[local] = True
-        remaining -= 1
-        run.record(row, gain_t, conflict_t)
-        if progress is not None:
-            progress.update(1)
-    return "budget"
-
-
-def _lazy_block(
-    objective: SpiceObjective, mask: torch.Tensor, quota: int, remaining: int, run: _Run, *, progress: Any
-) -> tuple[StopReason, LazyArgmax]:
-    """Exact greedy by lazy evaluation over the rows the objective bounds (``rows="bounds"``)."""
-    lazy = LazyArgmax(objective, mask)
-    for _ in range(quota):
-        if remaining == 0:
-            return "exhausted", lazy
-        at, gain, score, (gain_t, conflict_t, _) = lazy.best()
-        if run.should_stop(gain, score):
-            return "early_stop", lazy
-        objective.add(objective.vector(at))
-        lazy.block(at)
-        remaining -= 1
-        run.record(at, gain_t, conflict_t)
-        if progress is not None:
-            progress.update(1)
-    return "budget", lazy
-
 
 #: Scores within this relative distance of the best count as tied, and the lowest row wins: two evaluations of
 #: the same row's score by different arithmetic (another batch, another kernel) differ by ~1e-16 relative, so
@@ -346,7 +87,214 @@ def lowest_best(scores: torch.Tensor) -> int:
     return int((scores >= top - TIE * abs(top)).nonzero()[0])
 
 
-class LazyArgmax:
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Candidate(NamedTuple):
+    """A source's best candidate: its global row and its numbers (float64, from the set state)."""
+
+    row: int
+    gain: float  # Δ
+    conflict: float  # c
+    score: float  # Δ − λc
+    base: float  # b = log(1 + α‖g‖²)
+
+
+class CandidateSource(Protocol):
+    """A greedy regime as the loop sees it: the best candidate of the current block, accept it, next block.
+
+    A *block* is what one run of exact greedy covers: the whole pool, or one pool of a stream. A stopping rule
+    that fires ends the current block, and the run ends when there is no next block.
+    """
+
+    def propose(self) -> Candidate | None:
+        """The best candidate of the current block; `None` when the block has none left (or its quota is met)."""
+        ...
+
+    def accept(self, candidate: Candidate) -> None:
+        """Add the candidate (just proposed) to the selected set."""
+        ...
+
+    def next_block(self) -> bool:
+        """Move to the next block; False when there is none."""
+        ...
+
+    def metadata(self) -> dict[str, Any]:
+        """Facts about the run for `Selection.metadata` (regime details)."""
+        ...
+
+
+@dataclass
+class GreedyRun:
+    """What `run_greedy` did: the picks in order, their numbers, and why it stopped."""
+
+    rows: list[int] = field(default_factory=list)
+    history: PickHistory = field(default_factory=PickHistory)
+    bases: list[float] = field(default_factory=list)
+    stop_reason: StopReason = "budget"
+    #: Times the stopping rule refused a candidate (pooled: pools ended early).
+    rule_stops: int = 0
+
+
+def run_greedy(
+    source: CandidateSource,
+    rule: StoppingRule,
+    quota: int,
+    *,
+    reference_gain: float | None = None,
+    progress: Any = None,
+) -> GreedyRun:
+    """The greedy loop: up to ``quota`` picks from ``source``, each first offered to ``rule``.
+
+    Stop reasons (`spice_trainer.core.stopping.STOP_REASONS`): ``"budget"`` after ``quota`` picks;
+    ``"exhausted"`` when the source has no candidate and no next block; ``"early_stop"`` when the rule refused
+    a candidate and there was no next block, when a stream ran out after the rule ended some of its blocks, or
+    when ``rule.cut`` kept fewer picks than were made.
+
+    Args:
+        source: the regime.
+        rule: the stopping rule (a fresh one per run).
+        quota: picks to make at most.
+        reference_gain: `PickHistory.reference_gain` (the base of ratio rules; `None`: the run's first gain).
+        progress: a tqdm-like bar updated once per pick, or `None`.
+    """
+    run = GreedyRun(history=PickHistory(reference_gain=reference_gain))
+    history = run.history
+    reason: StopReason | None = None
+    while len(run.rows) < quota:
+        candidate = source.propose()
+        if candidate is None:
+            if source.next_block():
+                continue
+            reason = "exhausted"
+            break
+        if rule.should_stop(candidate.gain, candidate.score, history):
+            run.rule_stops += 1
+            if source.next_block():
+                continue
+            reason = "early_stop"
+            break
+        source.accept(candidate)
+        run.rows.append(candidate.row)
+        history.append(candidate.gain, candidate.score, candidate.conflict)
+        run.bases.append(candidate.base)
+        if progress is not None:
+            progress.update(1)
+    if reason is None:
+        reason = "budget"
+    elif reason == "exhausted" and run.rule_stops:
+        reason = "early_stop"  # a stream whose blocks the rule ended ran out before the budget
+    keep = check_cut(rule.cut(list(history.gains), list(history.scores)), len(run.rows))
+    if keep < len(run.rows):
+        del run.rows[keep:], run.bases[keep:]
+        history.truncate(keep)
+        reason = "early_stop"
+    run.stop_reason = reason
+    return run
+
+
+def selection_from_run(
+    run: GreedyRun,
+    config: SpiceConfig,
+    *,
+    n_candidates: int,
+    initial: Sequence[int],
+    skipped: Sequence[int],
+    initial_objective: float,
+    metadata: dict[str, Any],
+) -> Selection:
+    """The `Selection` of a run: ``ε = Δ − b``, ``score = Δ − λc`` and the cumulative objective
+    ``log det(I + α F_S)`` (``initial_objective`` plus the gains) derived here, once for every regime.
+
+    ``metadata`` gains ``reference_gain`` (the one the run used: given, or its first gain) and
+    ``initial_objective``.
+    """
+    history = run.history
+    objective = np.cumsum([initial_objective, *history.gains])[1:].tolist()
+    metadata = {**metadata, "reference_gain": history.reference, "initial_objective": initial_objective}
+    return Selection.from_picks(
+        indices=list(run.rows),
+        gains=list(history.gains),
+        base_gains=list(run.bases),
+        conflicts=list(history.conflicts),
+        conflict_weight=config.conflict_weight,
+        objective=objective,
+        stop_reason=run.stop_reason,
+        n_candidates=n_candidates,
+        skipped=list(skipped),
+        initial=list(initial),
+        config=config.to_dict(),
+        metadata=metadata,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# searches: the exact argmax over one block
+# ---------------------------------------------------------------------------------------------
+
+
+class Found(NamedTuple):
+    """A search's winner: its position in the block and its numbers (float64, from the set state)."""
+
+    position: int
+    gain: float
+    conflict: float
+    score: float
+
+
+class Search(Protocol):
+    """The exact argmax of ``Δ − λc`` over the rows of the objective's block that are still available."""
+
+    def best(self) -> Found | None:
+        """The best available row (ties: the lowest position), or `None` when none is left."""
+        ...
+
+    def remove(self, position: int) -> None:
+        """Make ``position`` unavailable (it was picked)."""
+        ...
+
+    def metadata(self) -> dict[str, Any]:
+        """Facts for `Selection.metadata`."""
+        ...
+
+
+def _found(objective: Objective, position: int) -> Found:
+    """``position``'s numbers evaluated alone from the set state: the same bits whichever search (or rank)
+    found it."""
+    gains, conflicts, scores = objective.scores_at(torch.tensor([position], device=objective.device))
+    gain, conflict, score = torch.stack([gains[0], conflicts[0], scores[0]]).tolist()
+    return Found(position, gain, conflict, score)
+
+
+class IncrementalSearch:
+    """Every available row rescored at every pick (`SpiceObjective` with ``rows="incremental"``, ``O(m d)`` per
+    pick); each pick is `best_candidate`. The reference the lazy search is tested against."""
+
+    rows = "incremental"
+
+    def __init__(self, objective: IncrementalObjective, mask: torch.Tensor) -> None:
+        self.objective = objective
+        self.blocked = ~mask.to(device=objective.device, dtype=torch.bool)
+        self.remaining = int(mask.sum())
+
+    def best(self) -> Found | None:
+        if self.remaining == 0:
+            return None
+        at = best_candidate(self.objective, self.blocked, self.remaining)[0]
+        return _found(self.objective, int(at))
+
+    def remove(self, position: int) -> None:
+        if not bool(self.blocked[position]):
+            self.blocked[position] = True
+            self.remaining -= 1
+
+    def metadata(self) -> dict[str, Any]:
+        return {}
+
+
+class LazySearch:
     """Exact argmax of ``Δ − λc`` by lazy evaluation (Minoux 1978) over a certified shortlist.
 
     ``Δ_x(S)`` only shrinks as ``S`` grows, and ``c_x(S)`` is at least a floor (0 for the set's mean, the value
@@ -366,12 +314,16 @@ class LazyArgmax:
         shortlist: the shortlist's first length ``K``.
     """
 
-    def __init__(self, objective: SpiceObjective, mask: torch.Tensor, *, shortlist: int = _SHORTLIST) -> None:
+    rows = "bounds"
+
+    def __init__(self, objective: BoundedObjective, mask: torch.Tensor, *, shortlist: int = _SHORTLIST) -> None:
         self.objective = objective
-        self.bound = objective.upper_bounds().clone().masked_fill_(~mask.to(torch.bool), -math.inf)
+        mask = mask.to(device=objective.device, dtype=torch.bool)
+        self.bound = objective.upper_bounds().clone().masked_fill_(~mask, -math.inf)
+        self.remaining = int(mask.sum())
         self.size = max(1, shortlist)
         self.active: torch.Tensor | None = None  # shortlisted positions, ascending
-        self.taken = torch.zeros(0, dtype=torch.bool)
+        self.taken = torch.zeros(0, dtype=torch.bool, device=self.bound.device)
         self.threshold = math.inf  # the highest bound outside the shortlist
         self.picks = 0  # picks since the shortlist was built
         self.rebuilds = 0
@@ -403,14 +355,11 @@ class LazyArgmax:
         self.picks = 0
         self.rebuilds += 1
 
-    def best(self) -> tuple[int, float, float, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The best row that is not blocked (the caller knows one exists).
-
-        Returns:
-            ``(position, Δ, Δ − λc, (Δ, c, Δ − λc))``: the winner, its gain and score as floats, and the three
-            numbers as 0-d float64 tensors (evaluated from the set state alone, so that they do not depend on
-            how the row was found).
-        """
+    def best(self) -> Found | None:
+        """The best available row (ties: the lowest position), or `None` when none is left; its numbers are
+        evaluated from the set state alone, so that they do not depend on how the row was found."""
+        if self.remaining == 0:
+            return None
         objective = self.objective
         reach = math.inf
         while True:
@@ -425,7 +374,7 @@ class LazyArgmax:
             if reach > self.threshold:
                 break
             if value == -math.inf and self.threshold == -math.inf:
-                raise RuntimeError("LazyArgmax.best() called with no row left to pick")
+                raise RuntimeError("LazySearch lost track of its available rows")
             # Some row outside the shortlist may score as high: shortlist every row whose bound reaches this.
             self._rebuild(reach)
         # The shortlist's float64 values drift from the set state's by ~1e-14: every row that may be tied.
@@ -434,21 +383,30 @@ class LazyArgmax:
             found = objective.scores_at(self.active[close])
             j = int(close[lowest_best(found.scores)])
         self._local = j
-        position = int(self.active[j])
-        gains, conflicts, scores_at = objective.scores_at(self.active[j : j + 1])
-        return position, float(gains[0]), float(scores_at[0]), (gains[0], conflicts[0], scores_at[0])
+        return _found(objective, int(self.active[j]))
 
-    def block(self, position: int) -> None:
-        """Take ``position`` out for good (it was just returned by `best` and picked)."""
+    def remove(self, position: int) -> None:
+        if self.bound[position] == -math.inf:
+            return
         self.bound[position] = -math.inf
+        self.remaining -= 1
         active = self.active
-        if active is not None and 0 <= self._local < active.shape[0] and int(active[self._local]) == position:
-            self.taken[self._local] = True
+        if active is not None:
+            # The row is usually the one `best` just returned; otherwise look it up in the shortlist.
+            local = self._local
+            if not (0 <= local < active.shape[0] and int(active[local]) == position):
+                hits = (active == position).nonzero().flatten()
+                local = int(hits[0]) if hits.numel() else -1
+            if local >= 0:
+                self.taken[local] = True
         self.picks += 1
+
+    def metadata(self) -> dict[str, Any]:
+        return {"shortlist_rebuilds": self.rebuilds, "shortlist_length": self.size}
 
 
 def best_candidate(
-    objective: SpiceObjective, blocked: torch.Tensor, remaining: int
+    objective: IncrementalObjective, blocked: torch.Tensor, remaining: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The argmax of ``Δ − λc`` over the tracked rows not ``blocked``, ties to the lowest position.
 
@@ -484,51 +442,483 @@ def best_candidate(
     return torch.tensor(j, device=scores.device), gains[j], conflicts[j], scores[j]
 
 
-def _stochastic(
-    objective: SpiceObjective,
-    mask: torch.Tensor,
-    to_pick: int,
-    n_eligible: int,
-    run: _Run,
-    config: SpiceConfig,
-    progress: Any,
-) -> tuple[StopReason, int]:
-    """Stochastic ("lazier than lazy") greedy: each pick is the best of a random sample of candidates."""
-    if to_pick == 0 or n_eligible == 0:
-        return ("budget" if to_pick == 0 else "exhausted"), 0
-    sample_size = max(1, math.ceil(n_eligible / to_pick * math.log(1.0 / config.stochastic_epsilon)))
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    # Remaining candidates with O(1) removal (swap with the last) so a pick never costs O(n) on the host.
-    remaining = mask.nonzero().flatten().cpu().numpy().astype(np.int64)
-    position = np.full(mask.shape[0], -1, dtype=np.int64)
-    position[remaining] = np.arange(remaining.shape[0])
-    size = remaining.shape[0]
-    device = objective.features.device
-    for _ in range(to_pick):
-        if size == 0:
-            return "exhausted", sample_size
-        if sample_size >= size:
-            chosen = np.sort(remaining[:size])
+#: How an exact source finds its argmax, by `SpiceConfig.exact_search`.
+SEARCHES: dict[str, Callable[[Any, torch.Tensor], Search]] = {
+    "lazy": LazySearch,
+    "incremental": IncrementalSearch,
+}
+#: The objective's row state each search needs (`IncrementalObjective`, `BoundedObjective`).
+_SEARCH_ROWS: dict[str, RowState] = {"lazy": "bounds", "incremental": "incremental"}
+
+
+# ---------------------------------------------------------------------------------------------
+# candidate sources (the regimes)
+# ---------------------------------------------------------------------------------------------
+
+
+class ExactSource:
+    """One block: the exact argmax over all rows of ``features`` (the whole pool, or one rank's shard).
+
+    Args:
+        objective: the objective; its set already holds the initial rows. This source makes it track
+            ``features``.
+        features: ``(m, d)`` the rows (finite).
+        mask: ``(m,)`` bool, the rows that may be picked.
+        search: a key of `SEARCHES`.
+        rows: the global row of each position (`None`: the positions themselves).
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        features: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        search: str = "lazy",
+        rows: Sequence[int] | None = None,
+    ) -> None:
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {sorted(SEARCHES)}, got {search!r}")
+        objective.track(features, _SEARCH_ROWS[search])
+        self.objective = objective
+        self.size = features.shape[0]
+        self.search_name = search
+        self.search = SEARCHES[search](objective, mask)
+        self.rows = list(rows) if rows is not None else None
+        self._positions = {row: i for i, row in enumerate(self.rows)} if self.rows is not None else None
+        self._last = -1
+
+    def propose(self) -> Candidate | None:
+        found = self.search.best()
+        if found is None:
+            return None
+        self._last = found.position
+        base = float(self.objective.base_gains_at(torch.tensor([found.position], device=self.objective.device))[0])
+        row = self.rows[found.position] if self.rows is not None else found.position
+        return Candidate(row, found.gain, found.conflict, found.score, base)
+
+    def accept(self, candidate: Candidate) -> None:
+        position = self.position_of(candidate.row)
+        assert position is not None, "accept() takes a candidate this source proposed"
+        self.insert(self.objective.vector(position), position)
+
+    def insert(self, g: torch.Tensor, position: int | None) -> None:
+        """Add ``g: (d,)`` to the set; ``position`` (one of this source's rows, or `None`) was picked."""
+        self.objective.add(g)
+        if position is not None:
+            self.search.remove(position)
+
+    def position_of(self, row: int) -> int | None:
+        """The position of global ``row`` in this source, `None` when it is not one of its rows."""
+        if self._positions is None:
+            return row if 0 <= row < self.size else None
+        return self._positions.get(row)
+
+    def next_block(self) -> bool:
+        return False
+
+    def metadata(self) -> dict[str, Any]:
+        return {"exact_search": self.search_name, **self.search.metadata()}
+
+
+class StochasticSource:
+    """Stochastic ("lazier than lazy") greedy (Mirzasoleiman et al. 2015): each pick is the exact best of a
+    uniform random sample of ``⌈(n/k) ln(1/ε)⌉`` remaining eligible rows (``n`` eligible rows, ``k`` picks to
+    make), evaluated from the set state (``O(d²)`` per row). Seeded by a local generator.
+
+    Args:
+        objective: the objective (primal Fisher state); this source makes it track ``features`` directly.
+        features: ``(n, d)`` the rows.
+        mask: ``(n,)`` bool, the rows that may be picked.
+        quota: ``k``.
+        epsilon: ``ε``.
+        seed: the generator's seed.
+    """
+
+    def __init__(
+        self,
+        objective: SpiceObjective,
+        features: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        quota: int,
+        epsilon: float,
+        seed: int,
+    ) -> None:
+        objective.track(features, "direct")
+        self.objective = objective
+        # Remaining candidates with O(1) removal (swap with the last) so a pick never costs O(n) on the host.
+        self.remaining = mask.nonzero().flatten().cpu().numpy().astype(np.int64)
+        self.position = np.full(mask.shape[0], -1, dtype=np.int64)
+        self.position[self.remaining] = np.arange(self.remaining.shape[0])
+        self.size = self.remaining.shape[0]
+        self.sample_size = max(1, math.ceil(self.size / quota * math.log(1.0 / epsilon))) if quota and self.size else 0
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def propose(self) -> Candidate | None:
+        if self.size == 0:
+            return None
+        if self.sample_size >= self.size:
+            chosen = np.sort(self.remaining[: self.size])
         else:
-            chosen = np.sort(remaining[_sample_positions(size, sample_size, generator)])
-        rows = torch.from_numpy(chosen).to(device)
-        gains, conflicts, scores = objective.scores_at(rows)
+            chosen = np.sort(self.remaining[_sample_positions(self.size, self.sample_size, self.generator)])
+        rows = torch.from_numpy(chosen).to(self.objective.device)
+        gains, conflicts, scores = self.objective.scores_at(rows)
         j = lowest_best(scores)
-        gain, score = torch.stack([gains[j], scores[j]]).tolist()
-        row = int(chosen[j])
-        if run.should_stop(gain, score):
-            return "early_stop", sample_size
-        objective.add(objective.vector(row))
-        last = remaining[size - 1]
-        at = position[row]
-        remaining[at] = last
-        position[last] = at
-        position[row] = -1
-        size -= 1
-        run.record(row, gains[j], conflicts[j])
+        base = self.objective.base_gains_at(rows[j : j + 1])[0]
+        gain, conflict, score, b = torch.stack([gains[j], conflicts[j], scores[j], base]).tolist()
+        return Candidate(int(chosen[j]), gain, conflict, score, b)
+
+    def accept(self, candidate: Candidate) -> None:
+        row = candidate.row
+        self.objective.add(self.objective.vector(row))
+        last = self.remaining[self.size - 1]
+        at = self.position[row]
+        self.remaining[at] = last
+        self.position[last] = at
+        self.position[row] = -1
+        self.size -= 1
+
+    def next_block(self) -> bool:
+        return False
+
+    def metadata(self) -> dict[str, Any]:
+        return {"sample_size": self.sample_size}
+
+
+#: ``pool_features(rows, quota) -> (features (m, d), eligible (m,) bool)`` for the rows of one pool (none of them
+#: selected yet); ``quota`` is the pool's picks at most (a loss guard may need it).
+PoolFeatures = Callable[[list[int], int], tuple[torch.Tensor, torch.Tensor]]
+#: ``on_pool(index, picks)`` runs before pool ``index`` (0-based) is opened, with every pick so far in order.
+PoolCallback = Callable[[int, list[int]], None]
+
+
+class PooledSource:
+    """The paper's stream: rows ``0 .. n − 1`` cut in order into pools of ``pool_size``; each pool is a block in
+    which exact (incremental) greedy makes up to ``picks_per_pool`` picks, the selected set carried across pools.
+
+    Each pool's rows are those not selected yet (``initial`` and earlier picks are left out before its features
+    are asked for); ``pool_features`` gives their features and eligibility, computed when the pool opens (a
+    fixed matrix, or a proxy model as it is at that moment), and ``on_pool`` runs first (the proxy's refresh
+    steps). A stopping rule that fires ends the pool; the stream goes on.
+
+    Args:
+        objective: the objective (its set holds the initial rows); each pool is tracked in turn.
+        n: rows in the stream.
+        pool_size: rows per pool.
+        picks_per_pool: picks per pool at most.
+        quota: picks over the whole stream at most (the pool's quota is the smaller of the two left).
+        pool_features: see `PoolFeatures`.
+        selected: rows already selected (never offered).
+        on_pool: see `PoolCallback`.
+    """
+
+    def __init__(
+        self,
+        objective: IncrementalObjective,
+        *,
+        n: int,
+        pool_size: int,
+        picks_per_pool: int,
+        quota: int,
+        pool_features: PoolFeatures,
+        selected: Sequence[int] = (),
+        on_pool: PoolCallback | None = None,
+    ) -> None:
+        self.objective = objective
+        self.n = n
+        self.pool_size = pool_size
+        self.picks_per_pool = picks_per_pool
+        self.quota = quota
+        self.pool_features = pool_features
+        self.on_pool = on_pool
+        self.taken = set(int(r) for r in selected)
+        self.picks: list[int] = []
+        self.pools_visited = 0
+        self._index = -1
+        self._search: IncrementalSearch | None = None
+        self._rows: list[int] = []
+        self._pool_quota = 0
+        self._in_pool = 0
+        self._last = -1
+
+    def _open(self, index: int) -> None:
+        self._index = index
+        if self.on_pool is not None:
+            self.on_pool(index, list(self.picks))
+        self.pools_visited += 1
+        begin = index * self.pool_size
+        rows = [r for r in range(begin, min(begin + self.pool_size, self.n)) if r not in self.taken]
+        self._rows = rows
+        self._in_pool = 0
+        self._search = None
+        self._pool_quota = min(self.picks_per_pool, self.quota - len(self.picks), len(rows))
+        if not rows or self._pool_quota <= 0:
+            return
+        features, eligible = self.pool_features(rows, self._pool_quota)
+        if not bool(eligible.any()):
+            return
+        self.objective.track(features, "incremental")
+        self._search = IncrementalSearch(self.objective, eligible)
+
+    def propose(self) -> Candidate | None:
+        if self._index < 0:
+            if self.n == 0:
+                return None
+            self._open(0)
+        if self._search is None or self._in_pool >= self._pool_quota:
+            return None
+        found = self._search.best()
+        if found is None:
+            return None
+        self._last = found.position
+        base = float(self.objective.base_gains_at(torch.tensor([found.position], device=self.objective.device))[0])
+        return Candidate(self._rows[found.position], found.gain, found.conflict, found.score, base)
+
+    def accept(self, candidate: Candidate) -> None:
+        position = self._last
+        assert self._search is not None and self._rows[position] == candidate.row
+        self.objective.add(self.objective.vector(position))
+        self._search.remove(position)
+        self.taken.add(candidate.row)
+        self.picks.append(candidate.row)
+        self._in_pool += 1
+
+    def next_block(self) -> bool:
+        following = self._index + 1
+        if following * self.pool_size >= self.n or len(self.picks) >= self.quota:
+            return False
+        self._open(following)
+        return True
+
+    def metadata(self) -> dict[str, Any]:
+        return {"pools_visited": self.pools_visited}
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A greedy regime: how to build its candidate source, and the Fisher state it wants."""
+
+    build: Callable[[SpiceObjective, torch.Tensor, torch.Tensor, SpiceConfig, int, list[int]], CandidateSource]
+    method: FisherMethod = "auto"
+
+
+def _build_exact(
+    objective: SpiceObjective,
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    config: SpiceConfig,
+    quota: int,
+    initial: list[int],
+) -> CandidateSource:
+    return ExactSource(objective, features, mask, search=config.exact_search)
+
+
+def _build_stochastic(
+    objective: SpiceObjective,
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    config: SpiceConfig,
+    quota: int,
+    initial: list[int],
+) -> CandidateSource:
+    return StochasticSource(objective, features, mask, quota=quota, epsilon=config.stochastic_epsilon, seed=config.seed)
+
+
+def _build_pooled(
+    objective: SpiceObjective,
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    config: SpiceConfig,
+    quota: int,
+    initial: list[int],
+) -> CandidateSource:
+    def pool_features(rows: list[int], pool_quota: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(rows, device=features.device)
+        return features[index], mask[index]
+
+    return PooledSource(
+        objective,
+        n=features.shape[0],
+        pool_size=config.pool_size,
+        picks_per_pool=config.picks_per_pool,
+        quota=quota,
+        pool_features=pool_features,
+        selected=initial,
+    )
+
+
+#: The greedy regimes, by `SpiceConfig.greedy`. Stochastic greedy evaluates rows from the ``d × d`` inverse.
+REGIMES: dict[str, Regime] = {
+    "exact": Regime(_build_exact),
+    "stochastic": Regime(_build_stochastic, method="primal"),
+    "pooled": Regime(_build_pooled),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def select_from_features(
+    features: torch.Tensor,
+    config: SpiceConfig,
+    *,
+    initial: Sequence[int] | None = None,
+    eligible: torch.Tensor | None = None,
+    reference_gain: float | None = None,
+    conflict_reference: torch.Tensor | None = None,
+    stopping: StoppingRule | None = None,
+    show_progress: bool = False,
+) -> Selection:
+    """Choose a subset of the rows of ``features`` with the SPICE greedy.
+
+    Maximises ``score_x = Δ_x(S) − λ c_x(S)`` one pick at a time, with
+    ``Δ_x(S) = log(1 + α g_xᵀ (I + α F_S)⁻¹ g_x)`` evaluated exactly (no ``n × n`` kernel) and
+    ``c_x(S) = max(0, −cos(g_x, ḡ_S))``. ``α`` = ``config.fisher_scale``, ``λ`` = ``config.conflict_weight``,
+    ``ω`` = ``config.stop_ratio``. Feature normalisation and loss guards are *not* applied here (the gradient
+    stage and the pipeline do that).
+
+    Regimes (``config.greedy``, `REGIMES`):
+
+    - ``"exact"``: every pick is the exact argmax over all remaining eligible rows, found by the
+      ``config.exact_search`` search: ``"lazy"`` (`LazySearch`, a certified shortlist) or ``"incremental"``
+      (`IncrementalSearch`, ``O(n d)`` per pick). The same picks.
+    - ``"stochastic"``: each pick scores a uniform random sample of ``⌈(n/k) ln(1/ε)⌉`` remaining eligible
+      rows (Mirzasoleiman et al. 2015, ``ε`` = ``config.stochastic_epsilon``, ``n`` = eligible rows,
+      ``k`` = picks to make) directly from the ``d × d`` state, seeded by ``config.seed``; ``O(s d²)`` per pick.
+    - ``"pooled"``: rows are cut in order into pools of ``config.pool_size``; exact greedy makes up to
+      ``config.picks_per_pool`` picks inside each pool, the selected set carried across pools (the
+      paper's streaming regime). The stopping rule ends a *pool's* picks (the reference stays the very first
+      pick's gain of the run, or ``reference_gain``) and the stream goes on to the next pool. The result
+      equals running exact greedy on each pool in turn with ``initial`` = everything picked so far.
+
+    Stopping (`spice_trainer.core.stopping`): ``stopping`` when given, else `stopping_rule(config)` (the paper's
+    ``ω`` rule on ``config.stop_on``, or none). Stop reasons: `spice_trainer.core.stopping.STOP_REASONS`.
+
+    Zero feature vectors have ``Δ = 0`` and ``c = 0`` (score 0): they are picked only when every other
+    eligible row scores ``≤ 0``, and once one would be picked, the ``ω`` rule (any ``ω ≥ 0``) ends the run.
+
+    Args:
+        features: ``(n, d)`` float32/float64/bfloat16/float16 features, on CPU or CUDA; all the work stays
+            on ``features.device`` (state in float64).
+        config: uses ``budget``, ``fisher_scale``, ``conflict_weight``, ``stop_ratio``, ``stop_on``, ``greedy``,
+            ``exact_search``, ``stochastic_epsilon``, ``pool_size``, ``picks_per_pool``, ``seed``.
+        initial: rows already selected (mode ``"grow"``), inserted into ``S`` first in the given order; they
+            are never re-picked, not recorded as picks, and count towards the budget (if they already fill
+            it, nothing is picked and the stop reason is ``"budget"``).
+        eligible: ``(n,)`` bool mask of rows that may be picked; rows with non-finite features are never
+            eligible.
+        reference_gain: base of the ``ω`` rule (`PickHistory.reference_gain`); `None` = the first pick's ``Δ``.
+        conflict_reference: ``(d,)`` a fixed direction ``r``: the conflict becomes ``c_x = max(0, −cos(g_x, r))``
+            (a trusted set's mean gradient, a robust consensus of the pool) instead of the selected set's mean.
+        stopping: the stopping rule of this run (a fresh object); `None` = `stopping_rule(config)`.
+        show_progress: show a tqdm bar over the picks.
+
+    Returns:
+        A `Selection`; ``metadata`` holds ``seconds``, ``greedy``, ``method`` (``"primal"``/``"dual"``),
+        ``reference_gain`` (the value used), ``initial_objective``, ``n_eligible`` and regime details
+        (``exact_search`` and ``shortlist_rebuilds``; ``sample_size``; ``pools_visited`` and
+        ``pools_stopped_early``).
+
+    Raises:
+        TypeError: ``features`` is not a floating tensor, or ``eligible`` is not a bool tensor.
+        ValueError: ``features`` is not 2-D or is empty, every row is non-finite, every finite row is exactly
+            zero (no information to select on), the budget exceeds ``n``,
+            ``initial`` has out-of-range, duplicated or non-finite rows, ``eligible`` has the wrong shape,
+            ``conflict_reference`` is not a finite non-zero ``(d,)`` vector.
+    """
+    start = time.perf_counter()
+    feats = _check_features(features)
+    n = feats.shape[0]
+    budget = config.budget_count(n)
+    finite = finite_rows(feats)
+    n_finite = int(finite.sum())
+    if n_finite == 0:
+        raise ValueError(
+            f"every row of features ({n} rows) has a NaN or inf entry; nothing can be selected. "
+            "Check the gradient pass (e.g. a diverged model or a loss of inf)"
+        )
+    skipped = (~finite).nonzero().flatten().tolist() if n_finite < n else []
+    # Zero the non-finite rows so that no matmul propagates NaN; they are never eligible.
+    clean = feats if not skipped else torch.where(finite.unsqueeze(1), feats, torch.zeros((), dtype=feats.dtype))
+    if not bool(clean.any()):
+        # Every gain would be 0: the "selection" would be the first rows by index, which looks like a
+        # result but carries no information. Say so instead.
+        raise ValueError(
+            f"every finite row of features ({n_finite} of {n}) is exactly zero, so every gain is 0 and there is "
+            "nothing to select on. The gradients carry no signal: check that the loss reaches the LoRA adapter "
+            "(both lora_A and lora_B at zero, a disabled/merged adapter, or every label masked)"
+        )
+    init = check_initial(initial, n, skipped)
+    mask = finite.clone()
+    if eligible is not None:
+        mask &= _check_eligible(eligible, n, feats.device)
+    if init:
+        mask[torch.tensor(init, device=feats.device)] = False
+    n_eligible = int(mask.sum())
+    if skipped:
+        logger.warning("spice: %d of %d rows have non-finite features; they are never picked", len(skipped), n)
+
+    to_pick = max(0, budget - len(init))
+    regime = REGIMES[config.greedy]
+    objective = SpiceObjective(
+        clean[:0],
+        config.fisher_scale,
+        capacity=len(init) + to_pick,
+        conflict_weight=config.conflict_weight,
+        conflict_reference=conflict_reference,
+        method=regime.method,
+        rows="direct",
+    )
+    for row in init:
+        objective.add(clean[row])
+    initial_objective = objective.logdet
+    source = regime.build(objective, clean, mask, config, to_pick, init)
+    rule = stopping if stopping is not None else stopping_rule(config)
+    progress = progress_bar(to_pick, show_progress)
+    try:
+        run = run_greedy(source, rule, to_pick, reference_gain=reference_gain, progress=progress)
+    finally:
         if progress is not None:
-            progress.update(1)
-    return "budget", sample_size
+            progress.close()
+    metadata: dict[str, Any] = {
+        "greedy": config.greedy,
+        "n_eligible": n_eligible,
+        "budget": budget,
+        "method": objective.method,
+        **source.metadata(),
+    }
+    if config.greedy == "pooled":
+        metadata["pools_stopped_early"] = run.rule_stops
+    if conflict_reference is not None:
+        metadata["conflict_reference"] = "fixed"
+    metadata["seconds"] = time.perf_counter() - start
+    selection = selection_from_run(
+        run,
+        config,
+        n_candidates=n,
+        initial=init,
+        skipped=skipped,
+        initial_objective=initial_objective,
+        metadata=metadata,
+    )
+    # DEBUG: the callback and the command line write one line per round with these numbers (and the exclusions).
+    logger.debug(
+        "spice: picked %d (+%d initial) of %d in %.2fs, stop=%s",
+        len(selection.indices),
+        len(init),
+        n,
+        metadata["seconds"],
+        selection.stop_reason,
+    )
+    return selection
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
 
 
 def _sample_positions(size: int, count: int, generator: torch.Generator) -> np.ndarray:
@@ -541,46 +931,6 @@ def _sample_positions(size: int, count: int, generator: torch.Generator) -> np.n
             if len(seen) == count:
                 break
     return np.fromiter(seen, dtype=np.int64, count=count)
-
-
-def _pooled(
-    objective: SpiceObjective,
-    features: torch.Tensor,
-    mask: torch.Tensor,
-    to_pick: int,
-    run: _Run,
-    config: SpiceConfig,
-    progress: Any,
-) -> tuple[StopReason, int, int]:
-    """The paper's stream: exact greedy inside consecutive pools, the selected set carried along."""
-    n = mask.shape[0]
-    device = mask.device
-    picked = 0
-    pools = 0
-    stopped = 0
-    for begin in range(0, n, config.pool_size):
-        if picked >= to_pick:
-            break
-        rows = torch.arange(begin, min(begin + config.pool_size, n), device=device)
-        pool_mask = mask[rows].clone()
-        available = int(pool_mask.sum())
-        pools += 1
-        if available == 0:
-            continue
-        objective.track(features[rows], "incremental")
-        quota = min(config.picks_per_pool, to_pick - picked)
-        before = len(run.indices)
-        reason = _greedy_block(objective, pool_mask, quota, available, run, offset=begin, progress=progress)
-        picked += len(run.indices) - before
-        stopped += reason == "early_stop"
-    if picked >= to_pick:
-        return "budget", pools, stopped
-    return ("early_stop" if stopped else "exhausted"), pools, stopped
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
 
 
 def _check_features(features: Any) -> torch.Tensor:
@@ -609,13 +959,19 @@ def _check_features(features: Any) -> torch.Tensor:
     return features
 
 
-def _finite_rows(features: torch.Tensor, rows: int = 16384) -> torch.Tensor:
+def finite_rows(features: torch.Tensor, rows: int = 16384) -> torch.Tensor:
     """``(n,)`` bool: rows without NaN/inf, checked a chunk at a time (``isfinite`` makes several
     ``(n, d)`` temporaries)."""
     return torch.cat([torch.isfinite(features[i : i + rows]).all(dim=1) for i in range(0, features.shape[0], rows)])
 
 
-def _check_initial(initial: Sequence[int] | None, n: int, skipped: list[int]) -> list[int]:
+def check_initial(initial: Sequence[int] | None, n: int, skipped: Sequence[int]) -> list[int]:
+    """``initial`` as a list of row indices, checked against ``n`` rows of which ``skipped`` cannot be selected.
+
+    Raises:
+        TypeError: an entry is not an int.
+        ValueError: an index is out of range, repeated, or one of ``skipped`` (non-finite features).
+    """
     if initial is None:
         return []
     if isinstance(initial, torch.Tensor):
@@ -648,9 +1004,10 @@ def _check_eligible(eligible: Any, n: int, device: torch.device) -> torch.Tensor
     return eligible.to(device)
 
 
-def _progress(total: int, show: bool) -> Any:
+def progress_bar(total: int, show: bool, desc: str = "spice greedy", unit: str = "pick") -> Any:
+    """A tqdm bar over ``total`` steps when ``show`` (and there is something to show), else `None`."""
     if not show or total == 0:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="spice greedy", unit="pick")
+    return tqdm(total=total, desc=desc, unit=unit)

@@ -22,7 +22,8 @@ can swap them:
   `RowScores` keeps every row's ``s_i`` and ``g_iᵀ Σ_S g`` exact and incremental (``O(m d)`` per pick), for
   the incremental greedy; `RowBounds` keeps only upper bounds of ``Δ_i``, tightened in blocks by one matrix
   product every few picks, for the lazy greedy.
-- `SpiceObjective` ties them together behind the `Objective` protocol that the greedy regimes use.
+- `SpiceObjective` ties them together behind the `Objective` protocols that the greedy regimes use
+  (`Objective`, and the capabilities `IncrementalObjective` and `BoundedObjective` of the two searches).
 
 Nothing here ever forms an ``n × n`` kernel. Set state and row state are float64 (the rank-1 downdates of
 ``M⁻¹`` and ``s_i`` run for thousands of steps); features are upcast once or a chunk at a time.
@@ -58,54 +59,96 @@ class Scores(NamedTuple):
     scores: torch.Tensor
 
 
-class Screen(NamedTuple):
-    """A cheap bracket ``lower ≤ score ≤ upper`` of some rows' scores now, and ``later``, an upper bound of
-    their scores for every larger set; each ``(m,)`` float64."""
-
-    upper: torch.Tensor
-    lower: torch.Tensor
-    later: torch.Tensor
-
-
 class Objective(Protocol):
-    """What the greedy regimes need from an objective (apricot's split: the loop never sees the math).
+    """What every greedy regime needs from an objective (apricot's split: the loop never sees the math).
 
     An objective has a *set* (grown with `add`) and a *block* of candidate rows (set with `track`); rows are
-    addressed by their position in the block, ``0 .. m − 1``.
+    addressed by their position in the block, ``0 .. m − 1``. The searches that find an exact argmax need one
+    more capability each: `IncrementalObjective` or `BoundedObjective`.
     """
 
-    def track(self, block: torch.Tensor, rows: RowState) -> None:
-        """Select from the rows of ``block: (m, d)`` from now on, keeping the set; ``rows`` says what row
-        state to keep (`scores` needs ``"incremental"``, `upper_bounds` ``"bounds"``)."""
+    @property
+    def device(self) -> torch.device:
+        """Where the state lives (the features' device)."""
         ...
 
-    def scores(self) -> Scores:
-        """Every tracked row's scores (screening precision when `screened`)."""
+    @property
+    def method(self) -> str:
+        """The representation of the set state (``"primal"`` or ``"dual"``)."""
+        ...
+
+    @property
+    def logdet(self) -> float:
+        """``U(S) = log det(I + α F_S)`` of the current set."""
+        ...
+
+    def track(self, block: torch.Tensor, rows: RowState) -> None:
+        """Select from the rows of ``block: (m, d)`` from now on, keeping the set; ``rows`` is the row state a
+        search needs (``"incremental"``, ``"bounds"``) or ``"direct"`` for none."""
         ...
 
     def scores_at(self, positions: torch.Tensor) -> Scores:
         """The given rows' scores, evaluated exactly (float64) from the set state."""
         ...
 
-    def upper_bounds(self) -> torch.Tensor:
-        """``(m,)`` float64 upper bounds of every tracked row's score, valid now and for every larger set."""
-        ...
-
-    def bound_after(self, positions: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
-        """Upper bounds of the given rows' scores for every set containing the current one, from their
-        gains ``Δ`` now (as `scores_at` returned them)."""
-        ...
-
-    def add(self, g: torch.Tensor) -> torch.Tensor:
-        """Insert the feature vector ``g: (d,)`` into the set; returns its gain Δ (0-d tensor)."""
+    def base_gains_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """``b = log(1 + α‖g‖²)`` for the given rows, ``(m,)``."""
         ...
 
     def vector(self, position: int) -> torch.Tensor:
         """The feature vector ``(d,)`` of one tracked row (what `add` takes when that row is picked)."""
         ...
 
-    def base_gains_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """``b = log(1 + α‖g‖²)`` for the given rows, ``(m,)``."""
+    def add(self, g: torch.Tensor) -> torch.Tensor:
+        """Insert the feature vector ``g: (d,)`` into the set; returns its gain Δ (0-d tensor)."""
+        ...
+
+
+class IncrementalObjective(Objective, Protocol):
+    """An objective that keeps every tracked row's score (``rows="incremental"``)."""
+
+    @property
+    def screened(self) -> bool:
+        """True when `scores` only ranks to within float32 rounding (`scores_at` is exact)."""
+        ...
+
+    def scores(self) -> Scores:
+        """Every tracked row's scores."""
+        ...
+
+
+class BoundedObjective(Objective, Protocol):
+    """An objective that keeps upper bounds of its rows' scores and a shortlist of exact ones
+    (``rows="bounds"``), for the lazy search."""
+
+    @property
+    def bounds_version(self) -> int:
+        """Changes whenever `upper_bounds` may have tightened."""
+        ...
+
+    def upper_bounds(self) -> torch.Tensor:
+        """``(m,)`` float64 upper bounds of every tracked row's score, valid now and for every larger set."""
+        ...
+
+    def refresh_bounds(self) -> None:
+        """Tighten `upper_bounds` with every pick so far."""
+        ...
+
+    def bound_after(self, positions: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+        """Upper bounds of the given rows' scores for every set containing the current one, from their gains
+        ``Δ`` now."""
+        ...
+
+    def shortlist(self, positions: torch.Tensor) -> None:
+        """Keep the given rows' scores exact and incremental from now on."""
+        ...
+
+    def shortlist_scores(self) -> Scores:
+        """The shortlisted rows' scores (exact), in shortlist order."""
+        ...
+
+    def shortlist_values(self) -> torch.Tensor:
+        """The shortlisted rows' ``Δ − λc`` only."""
         ...
 
 
@@ -476,15 +519,6 @@ class RowBounds:
         """``(m,)`` upper bounds of every row's ``Δ = log(1 + α s)``, now and for every later set."""
         return torch.log1p(self.fisher_scale * (self.s + self._relative_error() * self.sqnorms))
 
-    def screen(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s̃, e)`` for the rows at ``positions``: ``s̃`` brought up to date with the pending picks (float64,
-        ``O(p d)`` per row), and ``e`` bounding ``|s̃ − s|`` for the exactly computed ``s`` now."""
-        s = self.s[positions]
-        if self.pending:
-            dots = self.features[positions].to(torch.float64) @ self._pending[: self.pending].T
-            s = s.sub_(dots.square_().sum(dim=1)).clamp_min_(0.0)
-        return s, self.sqnorms[positions].mul_(self._relative_error())
-
     def _relative_error(self) -> float:
         w = self._weight
         unit = self._gamma / (self.features.shape[1] + 4)
@@ -555,6 +589,11 @@ class SpiceObjective:
         self.track(features, rows)
 
     @property
+    def device(self) -> torch.device:
+        """Where the state lives."""
+        return self.fisher.device
+
+    @property
     def method(self) -> str:
         """``"primal"`` or ``"dual"``."""
         return self.fisher.method
@@ -619,29 +658,6 @@ class SpiceObjective:
         if self.conflict_weight and self.conflict.fixed:
             bounds = bounds - self.conflict_weight * self._conflict_floor()
         return bounds
-
-    def screen_at(self, positions: torch.Tensor) -> Screen:
-        """A cheap bracket of the scores of the rows at ``positions`` now, and a bound for later (``rows="bounds"``).
-
-        ``Δ`` comes from `RowBounds.screen` (``O(p d)`` per row, ``p`` picks pending) with its error bar; ``c``
-        is evaluated directly (``O(d)`` per row).
-        """
-        if not isinstance(self.rows, RowBounds):
-            raise RuntimeError("screen_at() needs rows='bounds'")
-        s, err = self.rows.screen(positions)
-        alpha = self.fisher.fisher_scale
-        high = torch.log1p((s + err).mul_(alpha))
-        low = torch.log1p(s.sub_(err).clamp_min_(0.0).mul_(alpha))
-        if not self.conflict_weight:
-            return Screen(high, low, high.clone())
-        lam = self.conflict_weight
-        block = self.features[positions].to(self.dtype)
-        conflicts = self.conflict.conflicts(block @ self.conflict.vector, torch.linalg.vector_norm(block, dim=1))
-        # The same c is recomputed by scores_at in other batches: widen the bracket by its rounding.
-        upper = high - lam * (conflicts - 1e-12).clamp_min_(0.0)
-        lower = low - lam * (conflicts + 1e-12)
-        later = high - lam * self._conflict_floor()[positions] if self.conflict.fixed else high
-        return Screen(upper, lower, later)
 
     def shortlist(self, positions: torch.Tensor) -> None:
         """Keep the rows at ``positions`` exact and incremental from now on (``rows="bounds"``): `shortlist_scores`

@@ -13,11 +13,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from spice_trainer.core.stopping import STOP_REASONS, StopReason
 
 logger = logging.getLogger(__name__)
 
-StopReason = Literal["budget", "early_stop", "exhausted"]
+__all__ = ["Selection", "StopReason"]
 
 _FLOAT_LISTS = ("gains", "base_gains", "interactions", "conflicts", "scores", "objective")
 
@@ -34,8 +36,8 @@ class Selection:
         conflicts: ``c = max(0, −cos(g_x, ḡ_S))`` per pick.
         scores: ``Δ − λ c`` per pick (what the greedy maximised).
         objective: cumulative ``log det(I + α F_S)`` after each pick, counting ``initial``.
-        stop_reason: ``"budget"`` (the budget was reached), ``"early_stop"`` (the watched gain fell to
-            ``≤ ω ×`` the reference) or ``"exhausted"`` (no eligible candidate was left).
+        stop_reason: why the run ended, one of `spice_trainer.core.stopping.STOP_REASONS`: ``"budget"``,
+            ``"early_stop"`` (the stopping rule) or ``"exhausted"`` (no eligible candidate was left).
         n_candidates: rows in the pool (``n``).
         skipped: rows with non-finite features, never picked.
         initial: rows that were already selected before this round (mode ``"grow"``).
@@ -65,8 +67,9 @@ class Selection:
                     f"Selection.{name} has {len(getattr(self, name))} entries but there are {k} picks; "
                     "every per-pick list must have one entry per index"
                 )
-        if self.stop_reason not in ("budget", "early_stop", "exhausted"):
-            raise ValueError(f"stop_reason must be 'budget', 'early_stop' or 'exhausted', got {self.stop_reason!r}")
+        if self.stop_reason not in STOP_REASONS:
+            choices = ", ".join(repr(reason) for reason in STOP_REASONS)
+            raise ValueError(f"stop_reason must be one of {choices}, got {self.stop_reason!r}")
 
     @classmethod
     def from_picks(

@@ -1,5 +1,7 @@
 """The distributed exact greedy: candidates sharded across ranks, every pick agreed by all of them.
 
+It is a `spice_trainer.core.greedy.CandidateSource` (`ShardedSource`) run by the one greedy loop
+(`spice_trainer.core.greedy.run_greedy`), so the stopping rule and the `Selection` are the single-process ones.
 See `spice_trainer.distributed.comm` for the strategy (gather-then-greedy vs this) and the collectives.
 """
 
@@ -9,13 +11,24 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from spice_trainer.config import SpiceConfig
+from spice_trainer.core.greedy import (
+    TIE,
+    Candidate,
+    ExactSource,
+    check_initial,
+    progress_bar,
+    run_greedy,
+    selection_from_run,
+)
+from spice_trainer.core.objective import SpiceObjective
+from spice_trainer.core.selection import Selection
+from spice_trainer.core.stopping import StoppingRule, stopping_rule
 from spice_trainer.distributed.comm import (
     all_gather_ints,
     all_gather_table,
@@ -25,13 +38,13 @@ from spice_trainer.distributed.comm import (
     gather_rows,
     is_distributed,
     is_main_process,
+    rank,
     world_size,
 )
 
-if TYPE_CHECKING:
-    from spice_trainer.core.selection import Selection, StopReason
-
 logger = logging.getLogger(__name__)
+
+__all__ = ["ShardedSource", "distributed_bytes_per_pick", "distributed_greedy"]
 
 
 # --- the distributed exact greedy ----------------------------------------------------------------
@@ -50,30 +63,21 @@ def distributed_greedy(
     initial: Sequence[int] | None = None,
     local_eligible: torch.Tensor | None = None,
     reference_gain: float | None = None,
+    conflict_reference: torch.Tensor | None = None,
+    stopping: StoppingRule | None = None,
     show_progress: bool = False,
 ) -> Selection:
     """Exact SPICE greedy over candidates sharded across ranks; the same `Selection` on every rank.
 
     Every rank holds the features of its own rows only and the full set state (``M⁻¹`` or the dual
-    Cholesky factor, ``Σ_S g``; ``O(d²)`` or ``O(k d)``). One pick:
+    Cholesky factor, ``Σ_S g``; ``O(d²)`` or ``O(k d)``), and runs the one greedy loop
+    (`spice_trainer.core.greedy.run_greedy`) over a `ShardedSource`: each rank's best row by the configured
+    search (``config.exact_search``), one all_gather to agree on the winner, one broadcast of its vector.
 
-    1. each rank takes its best eligible unpicked row with `spice_trainer.core.greedy.best_candidate`, the same
-       rule as one process: its rows' scores ``Δ_x(S) − λ c_x(S)`` screen (float32 row state), the few best
-       are re-scored exactly in float64 from the set state, and their argmax is the rank's candidate;
-    2. one all_gather of ``(has, score, global row, Δ, c, b)`` per rank; every rank reads the same table
-       and takes the winner: the highest score, ties to the lowest global row (as `torch.argmax` does in a
-       single process over rows in order);
-    3. the early-stopping rule (`spice_trainer.core.greedy`'s, the same code) runs on the winner's numbers, so
-       every rank stops at the same step; a table with no candidate ends the run as ``"exhausted"``;
-    4. the owner broadcasts ``g_j: (d,)`` (float64) and every rank applies it: ``objective.add(g_j)``
-       (Sherman-Morrison / Cholesky extension of the set state, ``s_i`` and ``g_iᵀΣ_S g`` for its rows).
-
-    The set state sees the same vectors in the same order on every rank and in a single process, each
-    row's state is updated with the same arithmetic, and the winner's numbers are the exact float64 ones,
-    so the picks equal `select_from_features` with ``greedy="exact"`` on the concatenated features. The
-    only possible difference: one process re-scores its global top few screened rows, ``w`` ranks re-score
-    each their own top few (a superset); they could disagree only if float32 screening ranked the exact
-    winner below several candidates that tie with it to within float32 rounding.
+    The set state sees the same vectors in the same order on every rank and in a single process, the
+    searches are exact, and every candidate's numbers are evaluated alone from the set state, so the picks
+    and the numbers equal `select_from_features` with ``greedy="exact"`` on the concatenated features. The
+    stopping rule sees the same candidates and history on every rank, so every rank stops at the same step.
 
     Args:
         local_features: ``(m_r, d)`` features of this rank's rows (non-finite rows are never picked).
@@ -82,7 +86,10 @@ def distributed_greedy(
         config: the selection settings (``greedy`` is treated as ``"exact"``).
         initial: global rows already selected (mode ``"grow"``), inserted first, in order.
         local_eligible: ``(m_r,)`` bool mask over this rank's rows; `None` = all finite rows.
-        reference_gain: base of early stopping; `None` = the first pick's ``Δ``.
+        reference_gain: base of the ``ω`` rule; `None` = the first pick's ``Δ``.
+        conflict_reference: ``(d,)`` a fixed conflict direction (the same on every rank), as in
+            `select_from_features`.
+        stopping: the stopping rule of this run (a fresh object per rank); `None` = `stopping_rule(config)`.
         show_progress: a tqdm bar on rank 0.
 
     Returns:
@@ -93,10 +100,6 @@ def distributed_greedy(
         ValueError: shapes or rows inconsistent across ranks, or the same input errors as
             `select_from_features` (budget above ``n``, bad ``initial``, every row non-finite).
     """
-    from spice_trainer.core.greedy import _check_initial, _progress, _Run, best_candidate
-    from spice_trainer.core.objective import SpiceObjective
-    from spice_trainer.core.selection import Selection
-
     start = time.perf_counter()
     if local_features.ndim != 2 or not local_features.is_floating_point():
         raise ValueError(
@@ -132,7 +135,7 @@ def distributed_greedy(
             "there is nothing to select on. The gradients carry no signal: check that the loss reaches the LoRA "
             "adapter (both lora_A and lora_B at zero, a disabled/merged adapter, or every label masked)"
         )
-    init = _check_initial(initial, n, skipped)
+    init = check_initial(initial, n, skipped)
     position = {row: i for i, row in enumerate(row_list)}
     mask = finite.clone()
     if local_eligible is not None:
@@ -145,19 +148,19 @@ def distributed_greedy(
     for row in init:
         if row in position:
             mask[position[row]] = False
-    remaining = int(mask.sum())
-    n_eligible = sum(c[0] for c in all_gather_ints([remaining]))
+    n_eligible = sum(c[0] for c in all_gather_ints([int(mask.sum())]))
     if skipped:
         logger.warning("spice: %d of %d rows have non-finite features; they are never picked", len(skipped), n)
 
     to_pick = max(0, budget - len(init))
-    capacity = len(init) + to_pick
-    run = _Run(conflict_weight=config.conflict_weight, stop_ratio=config.stop_ratio, stop_on=config.stop_on)
-    run.reference = reference_gain
-    run.reference_given = reference_gain is not None
     # Same state and method choice as the single-process exact greedy ("auto": dual while k < d).
     objective = SpiceObjective(
-        clean, config.fisher_scale, capacity=capacity, conflict_weight=config.conflict_weight, rows="incremental"
+        clean[:0],
+        config.fisher_scale,
+        capacity=len(init) + to_pick,
+        conflict_weight=config.conflict_weight,
+        conflict_reference=conflict_reference,
+        rows="direct",
     )
     if init:
         # Every rank needs every initial vector, in order: owners fill their rows, one all_reduce(SUM).
@@ -168,62 +171,23 @@ def distributed_greedy(
         block = _all_reduce_sum(block)
         for i in range(len(init)):
             objective.add(block[i].to(device))
-    run.initial_logdet = objective.logdet
-    base_gains: list[float] = []
-    progress = _progress(to_pick, show_progress and is_main_process())
-    reason: StopReason = "budget"
+    initial_objective = objective.logdet
+    local = ExactSource(objective, clean, mask, search=config.exact_search, rows=row_list)
+    source = ShardedSource(local, d)
+    rule = stopping if stopping is not None else stopping_rule(config)
+    progress = progress_bar(to_pick, show_progress and is_main_process())
     try:
-        for _ in range(to_pick):
-            entry = torch.zeros(_TABLE_WIDTH, dtype=torch.float64)
-            if remaining > 0:
-                # The same pick rule as the single-process greedy (float32 screening, exact float64 decision).
-                at, _, _, _ = best_candidate(objective, ~mask, remaining)
-                # The winner's numbers from the set state alone, as the single-process exact greedy records them.
-                gain_j, conflict_j, score_j = (value[0] for value in objective.scores_at(at.reshape(1)))
-                j = int(at)
-                entry[_HAS] = 1.0
-                entry[_SCORE] = score_j
-                entry[_ROW] = float(row_list[j])
-                entry[_GAIN] = gain_j
-                entry[_CONFLICT] = conflict_j
-                entry[_BASE] = objective.base_gains_at(at.reshape(1))[0]  # as select_from_features computes b
-            table = all_gather_table(entry)
-            owner = _winner(table)
-            if owner is None:
-                reason = "exhausted"
-                break
-            win = table[owner]
-            gain, score = float(win[_GAIN]), float(win[_SCORE])
-            if run.should_stop(gain, score):
-                reason = "early_stop"
-                break
-            row = int(win[_ROW])
-            local = position.get(row)
-            g = broadcast_tensor(clean[local] if local is not None else None, owner, shape=(d,), dtype=torch.float64)
-            objective.add(g.to(device))
-            if local is not None:
-                mask[local] = False
-                remaining -= 1
-            run.record(row, win[_GAIN].clone(), win[_CONFLICT].clone())
-            base_gains.append(float(win[_BASE]))
-            if progress is not None:
-                progress.update(1)
+        run = run_greedy(source, rule, to_pick, reference_gain=reference_gain, progress=progress)
     finally:
         if progress is not None:
             progress.close()
-
-    gains_list = [float(g) for g in run.gains]
-    conflicts_list = [float(c) for c in run.conflicts]
-    lam = config.conflict_weight
-    objective_curve = np.cumsum([run.initial_logdet, *gains_list])[1:].tolist()
     world = world_size()
     metadata: dict[str, Any] = {
         "greedy": "exact",
         "n_eligible": n_eligible,
         "budget": budget,
         "method": objective.method,
-        "reference_gain": run.reference,
-        "initial_objective": run.initial_logdet,
+        "exact_search": config.exact_search,
         "seconds": time.perf_counter() - start,
         "distributed": {
             "world_size": world,
@@ -231,35 +195,83 @@ def distributed_greedy(
             "bytes_per_pick": distributed_bytes_per_pick(d, world),
         },
     }
-    return Selection.from_picks(
-        indices=list(run.indices),
-        gains=gains_list,
-        base_gains=base_gains,
-        conflicts=conflicts_list,
-        conflict_weight=lam,
-        objective=objective_curve,
-        stop_reason=reason,
+    return selection_from_run(
+        run,
+        config,
         n_candidates=n,
-        skipped=skipped,
         initial=init,
-        config=config.to_dict(),
+        skipped=skipped,
+        initial_objective=initial_objective,
         metadata=metadata,
     )
 
 
+class ShardedSource:
+    """A `CandidateSource` over rows sharded across ranks: each rank's best, agreed by every rank.
+
+    One pick:
+
+    1. each rank asks its `ExactSource` (its shard, the configured search: the same rule as one process) for
+       its best eligible unpicked row, with its numbers evaluated alone from the set state;
+    2. one all_gather of ``(has, score, global row, Δ, c, b)`` per rank; every rank reads the same table
+       and takes the winner: the highest score, ties (within `spice_trainer.core.greedy.TIE`) to the lowest
+       global row, as one process does over rows in order; a table with no candidate ends the block;
+    3. the loop offers the winner to the stopping rule on every rank (same numbers, same decision);
+    4. `accept`: the owner broadcasts ``g_j: (d,)`` (float64) and every rank adds it to its set state and its
+       rows' state; the owner takes the row out of its search.
+
+    Args:
+        local: this rank's source (its rows carry their global indices).
+        dim: ``d``.
+    """
+
+    def __init__(self, local: ExactSource, dim: int) -> None:
+        self.local = local
+        self.dim = dim
+        self.rank = rank()
+        self.owner = -1
+
+    def propose(self) -> Candidate | None:
+        entry = torch.zeros(_TABLE_WIDTH, dtype=torch.float64)
+        mine = self.local.propose()
+        if mine is not None:
+            entry[_HAS] = 1.0
+            entry[_SCORE] = mine.score
+            entry[_ROW] = float(mine.row)
+            entry[_GAIN] = mine.gain
+            entry[_CONFLICT] = mine.conflict
+            entry[_BASE] = mine.base
+        table = all_gather_table(entry)
+        owner = _winner(table)
+        if owner is None:
+            return None
+        self.owner = owner
+        win = table[owner].tolist()
+        return Candidate(int(win[_ROW]), win[_GAIN], win[_CONFLICT], win[_SCORE], win[_BASE])
+
+    def accept(self, candidate: Candidate) -> None:
+        position = self.local.position_of(candidate.row) if self.owner == self.rank else None
+        vector = self.local.objective.vector(position) if position is not None else None
+        g = broadcast_tensor(vector, self.owner, shape=(self.dim,), dtype=torch.float64)
+        self.local.insert(g.to(self.local.objective.device), position)
+
+    def next_block(self) -> bool:
+        return False
+
+    def metadata(self) -> dict[str, Any]:
+        return self.local.metadata()
+
+
 def _winner(table: torch.Tensor) -> int | None:
-    """The rank whose candidate wins: highest score, ties to the lowest global row; `None` if no candidate."""
-    best: int | None = None
-    for r in range(table.shape[0]):
-        if table[r, _HAS] == 0:
-            continue
-        if best is None:
-            best = r
-            continue
-        score, top = float(table[r, _SCORE]), float(table[best, _SCORE])
-        if score > top or (score == top and table[r, _ROW] < table[best, _ROW]):
-            best = r
-    return best
+    """The rank whose candidate wins: the lowest global row among the candidates within `TIE` of the highest
+    score (the single-process rule); `None` if no rank has a candidate."""
+    entries = [row for row in table.tolist() if row[_HAS]]
+    if not entries:
+        return None
+    top = max(row[_SCORE] for row in entries)
+    tied = [row for row in entries if row[_SCORE] >= top - TIE * abs(top)]
+    row = min(tied, key=lambda entry: entry[_ROW])[_ROW]
+    return next(r for r, entry in enumerate(table.tolist()) if entry[_HAS] and entry[_ROW] == row)
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

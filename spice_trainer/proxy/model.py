@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.core.greedy import best_candidate
+from spice_trainer.core.greedy import PooledSource, check_initial, progress_bar, run_greedy, selection_from_run
 from spice_trainer.core.objective import SpiceObjective
-from spice_trainer.core.selection import Selection, StopReason
+from spice_trainer.core.selection import Selection
+from spice_trainer.core.stopping import stopping_rule
 from spice_trainer.distributed import comm as sd
 from spice_trainer.features.batches import (
     Collator,
@@ -278,124 +279,92 @@ class ProxyModel:
         start = time.perf_counter()
         n = len(dataset)
         budget = config.budget_count(n)
-        init = _check_initial(initial, n)
+        init = check_initial(initial, n, ())
         to_pick = max(0, budget - len(init))
         cfg = self._feature_config(config)
         if config.feature_store is not None:
             logger.info("spice: the online proxy regime recomputes features as the proxy changes; feature_store unused")
-        lam, alpha, omega = config.conflict_weight, config.fisher_scale, config.stop_ratio
         objective = SpiceObjective(
-            torch.zeros(0, config.proj_dim), alpha, capacity=len(init) + to_pick, conflict_weight=lam, rows="direct"
+            torch.zeros(0, config.proj_dim),
+            config.fisher_scale,
+            capacity=len(init) + to_pick,
+            conflict_weight=config.conflict_weight,
+            rows="direct",
         )
-        feature_seconds = refresh_seconds = 0.0
-        taken = torch.zeros(n, dtype=torch.bool)
+        timings = {"features": 0.0, "refresh": 0.0}
         if init:
             t0 = time.perf_counter()
             init_feats = self.features(dataset, cfg, data_collator, indices=init).features
-            feature_seconds += time.perf_counter() - t0
+            timings["features"] += time.perf_counter() - t0
             bad = [r for r, ok in zip(init, torch.isfinite(init_feats).all(dim=1).tolist(), strict=True) if not ok]
             if bad:
                 raise ValueError(f"initial rows {bad[:10]} have non-finite proxy features; drop them from initial")
             for g in init_feats:
                 objective.add(g)
-            taken[torch.tensor(init)] = True
-        initial_logdet = objective.logdet
+        initial_objective = objective.logdet
 
-        picks: list[int] = []
-        values: list[tuple[float, float, float]] = []  # (Δ, c, b) per pick
         skipped: list[int] = []
-        window: list[int] = []
         refresh_losses: list[float] = []
-        reference = reference_gain
-        pools = stopped = 0
-        bar = _progress(math.ceil(n / config.pool_size), show_progress, "spice proxy pools")
-        try:
-            for begin in range(0, n, config.pool_size):
-                if len(picks) >= to_pick:
-                    break
-                if pools and pools % config.proxy_refresh_every_pools == 0 and window:
-                    t0 = time.perf_counter()
-                    refresh_losses.append(self.refresh(dataset, window, data_collator))
-                    refresh_seconds += time.perf_counter() - t0
-                    window = []
-                pools += 1
-                if bar is not None:
-                    bar.update(1)
-                rows = [r for r in range(begin, min(begin + config.pool_size, n)) if not taken[r]]
-                if not rows:
-                    continue
+        refreshed = 0  # picks already used by a refresh step
+        period = config.proxy_refresh_every_pools
+        bar = progress_bar(
+            math.ceil(n / config.pool_size), show_progress and n > config.pool_size, "spice proxy pools", "pool"
+        )
+
+        def on_pool(index: int, picks: list[int]) -> None:
+            # Before pool index + 1 (1-based) with index a multiple of T: one step on the picks of the last T pools.
+            nonlocal refreshed
+            if index and index % period == 0 and len(picks) > refreshed:
                 t0 = time.perf_counter()
-                grads = self.features(dataset, cfg, data_collator, indices=rows)
-                feature_seconds += time.perf_counter() - t0
-                quota = min(config.picks_per_pool, to_pick - len(picks), len(rows))
-                finite = torch.isfinite(grads.features).all(dim=1)
-                skipped += [r for r, ok in zip(rows, finite.tolist(), strict=True) if not ok]
-                mask = finite & eligible_rows(grads, config.with_changes(budget=quota))
-                available = int(mask.sum())
-                if available == 0:
-                    continue
-                objective.track(torch.where(finite.unsqueeze(1), grads.features, torch.zeros(())), "incremental")
-                blocked = ~mask
-                for _ in range(quota):
-                    if available == 0:
-                        break
-                    at, gain_t, conflict_t, score_t = best_candidate(objective, blocked, available)
-                    pos, gain, score, conflict = torch.stack(
-                        [at.to(score_t.dtype), gain_t, score_t, conflict_t]
-                    ).tolist()
-                    if reference is None:
-                        reference = gain  # the run's first pick sets the reference and is kept
-                    elif omega is not None and (gain if config.stop_on == "gain" else score) <= omega * reference:
-                        stopped += 1
-                        break
-                    local = int(pos)
-                    g = objective.features[local]
-                    objective.add(g)
-                    blocked[local] = True
-                    available -= 1
-                    row = rows[local]
-                    taken[row] = True
-                    picks.append(row)
-                    window.append(row)
-                    values.append((gain, conflict, math.log1p(alpha * float(g.double().square().sum()))))
+                refresh_losses.append(self.refresh(dataset, picks[refreshed:], data_collator))
+                timings["refresh"] += time.perf_counter() - t0
+                refreshed = len(picks)
+            if bar is not None:
+                bar.update(1)
+
+        def pool_features(rows: list[int], quota: int) -> tuple[torch.Tensor, torch.Tensor]:
+            # The proxy as it is now; the loss guard within the pool, for the pool's picks.
+            t0 = time.perf_counter()
+            grads = self.features(dataset, cfg, data_collator, indices=rows)
+            timings["features"] += time.perf_counter() - t0
+            finite = torch.isfinite(grads.features).all(dim=1)
+            skipped.extend(r for r, ok in zip(rows, finite.tolist(), strict=True) if not ok)
+            eligible = finite & eligible_rows(grads, config.with_changes(budget=quota))
+            return torch.where(finite.unsqueeze(1), grads.features, torch.zeros(())), eligible
+
+        source = PooledSource(
+            objective,
+            n=n,
+            pool_size=config.pool_size,
+            picks_per_pool=config.picks_per_pool,
+            quota=to_pick,
+            pool_features=pool_features,
+            selected=init,
+            on_pool=on_pool,
+        )
+        try:
+            run = run_greedy(source, stopping_rule(config), to_pick, reference_gain=reference_gain)
         finally:
             if bar is not None:
                 bar.close()
-
-        reason: StopReason = "budget" if len(picks) >= to_pick else ("early_stop" if stopped else "exhausted")
-        gains = [v[0] for v in values]
-        conflicts = [v[1] for v in values]
-        base = [v[2] for v in values]
-        cumulative: list[float] = []
-        running = initial_logdet
-        for gain in gains:
-            running += gain
-            cumulative.append(running)
-        selection = Selection.from_picks(
-            indices=picks,
-            gains=gains,
-            base_gains=base,
-            conflicts=conflicts,
-            conflict_weight=lam,
-            objective=cumulative,
-            stop_reason=reason,
+        selection = selection_from_run(
+            run,
+            config,
             n_candidates=n,
-            skipped=sorted(skipped),
             initial=init,
-            config=config.to_dict(),
+            skipped=sorted(skipped),
+            initial_objective=initial_objective,
             metadata={
                 "greedy": "pooled",
                 "online_proxy": True,
                 "budget": budget,
-                "pools_visited": pools,
-                "pools_stopped_early": stopped,
+                "method": objective.method,
+                **source.metadata(),
+                "pools_stopped_early": run.rule_stops,
                 "refresh_steps": len(refresh_losses),
                 "refresh_losses": refresh_losses,
-                "reference_gain": reference,
-                "initial_objective": initial_logdet,
-                "method": objective.method,
-                "feature_seconds": feature_seconds,
-                "refresh_seconds": refresh_seconds,
+                "feature_seconds": timings["features"],
+                "refresh_seconds": timings["refresh"],
                 "seconds": time.perf_counter() - start,
             },
         )
@@ -421,23 +390,3 @@ def _device_of(model: nn.Module | None) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
-
-
-def _check_initial(initial: Sequence[int] | None, n: int) -> list[int]:
-    if initial is None:
-        return []
-    rows = [int(r) for r in (initial.flatten().tolist() if isinstance(initial, torch.Tensor) else initial)]
-    bad = [r for r in rows if not 0 <= r < n]
-    if bad:
-        raise ValueError(f"initial has row indices outside [0, {n}): {bad[:10]}")
-    if len(set(rows)) != len(rows):
-        raise ValueError("initial has duplicated rows; each row can be selected once")
-    return rows
-
-
-def _progress(total: int, show: bool, desc: str) -> Any:
-    if not show or total <= 1:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="pool", leave=False)

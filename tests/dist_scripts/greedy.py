@@ -34,6 +34,7 @@ def main() -> None:
             initial=case.get("initial"),
             local_eligible=None if eligible is None else eligible[rows.start : rows.stop],
             reference_gain=case.get("reference_gain"),
+            stopping=case["stopping"]() if "stopping" in case else None,
         )
         results[name] = selection.to_dict()
     (out / f"rank{sd.rank()}.json").write_text(json.dumps(results))

@@ -7,11 +7,39 @@ process uses the whole matrix as the reference.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from spice_trainer.config import SpiceConfig
+from spice_trainer.core.stopping import PickHistory
+
+
+class FlatScore:
+    """A stateful rule reading the history: stop once the score fell less than ``slope`` x the first score per
+    pick over the last ``window`` picks (a plateau of the penalized score curve)."""
+
+    def __init__(self, window: int = 3, slope: float = 0.01) -> None:
+        self.window, self.slope = window, slope
+
+    def should_stop(self, gain: float, score: float, history: PickHistory) -> bool:
+        if len(history) < self.window:
+            return False
+        return (history.scores[-self.window] - score) / self.window < self.slope * history.scores[0]
+
+    def cut(self, gains: Sequence[float], scores: Sequence[float]) -> int:
+        return len(gains)
+
+
+class HalfScoreCut:
+    """A post-hoc rule: keep the picks up to the last one scoring at least half the first."""
+
+    def should_stop(self, gain: float, score: float, history: PickHistory) -> bool:
+        return False
+
+    def cut(self, gains: Sequence[float], scores: Sequence[float]) -> int:
+        return max((t + 1 for t, s in enumerate(scores) if s >= 0.5 * scores[0]), default=0)
 
 
 def _gauss(n: int, d: int, seed: int) -> torch.Tensor:
@@ -37,7 +65,7 @@ def stop_on_rank1_rows(n: int = 24, d: int = 6) -> torch.Tensor:
 
 
 def cases() -> dict[str, dict[str, Any]]:
-    """name -> {features, config, initial, eligible, reference_gain}."""
+    """name -> {features, config, initial, eligible, reference_gain, stopping (a rule factory)}."""
     nan_feats = _gauss(30, 5, 3)
     nan_feats[[4, 27]] = float("nan")
     eligible_first_half_out = torch.ones(24, dtype=torch.bool)
@@ -73,6 +101,16 @@ def cases() -> dict[str, dict[str, Any]]:
             "config": SpiceConfig(budget=10, conflict_weight=0.2, stop_ratio=0.2),
             "initial": [25, 1, 14],
             "reference_gain": 2.0,
+        },
+        "plateau_rule": {
+            "features": _gauss(60, 5, 7),
+            "config": SpiceConfig(budget=30, conflict_weight=0.3, stop_ratio=None),
+            "stopping": FlatScore,
+        },
+        "posthoc_cut": {
+            "features": _gauss(60, 5, 8),
+            "config": SpiceConfig(budget=30, conflict_weight=0.3, stop_ratio=None),
+            "stopping": HalfScoreCut,
         },
         "exhausted": {
             "features": _gauss(10, 3, 6),
