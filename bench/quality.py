@@ -16,7 +16,7 @@ Reported per world and scenario over seeds: exact-match accuracy (mean ± sd), t
 world, ``<world>/table.md`` and ``<world>/accuracy.png`` under ``--out``.
 
     python bench/quality.py                                   # the whole suite, 3 seeds
-    python bench/quality.py --worlds base,prior,almost        # the worlds that choose the defaults
+    python bench/quality.py --worlds selection                # base, prior, almost (held-out: the other six)
     python bench/quality.py --quick --worlds base             # development: 2 seeds, small pools
     python bench/quality.py --variant v1=stop_ratio:0.3 --methods random,defaults
     python bench/quality.py --curve --worlds base             # accuracy against selected size, stop marked
@@ -180,8 +180,14 @@ def _print_run(rec: dict[str, Any]) -> None:
     )
 
 
+# --worlds shorthands: the worlds that choose the defaults and the held-out ones (docs/quality.md).
+WORLD_GROUPS: dict[str, tuple[str, ...]] = {"selection": W.SELECTION_WORLDS, "held-out": W.HELD_OUT_WORLDS}
+
+
 def _names(text: str | None, known: Sequence[str] | dict[str, Any]) -> list[str]:
-    names = [s for s in (text or ",".join(known)).split(",") if s]
+    names = []
+    for item in (text or ",".join(known)).split(","):
+        names += list(WORLD_GROUPS[item]) if known is W.WORLDS and item in WORLD_GROUPS else [item] if item else []
     unknown = [s for s in names if s not in known]
     if unknown:
         raise SystemExit(f"unknown name(s) {unknown}; known: {', '.join(known)}")
@@ -546,7 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--cache-dir", default=CACHE_DIR, help=f"base-model cache (default {CACHE_DIR})")
-    parser.add_argument("--worlds", help=f"comma-separated worlds (default all: {','.join(W.WORLDS)})")
+    parser.add_argument(
+        "--worlds",
+        help=f"comma-separated worlds or the groups selection, held-out (default all: {','.join(W.WORLDS)})",
+    )
     parser.add_argument("--scenarios", help="comma-separated scenarios (default curated,noisy)")
     parser.add_argument("--methods", help=f"comma-separated methods (default {','.join(compare.METHODS)})")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 3; --quick: 2)")
