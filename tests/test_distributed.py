@@ -246,6 +246,7 @@ def test_distributed_greedy_equals_single_process(tmp_path: Path, nproc: int) ->
     assert ranks[0]["stop_on_rank1_rows"]["stop_reason"] == "early_stop"
     assert ranks[0]["stop_on_rank1_rows"]["indices"] == [0, 1, 2]
     assert ranks[0]["exhausted"]["stop_reason"] == "exhausted"
+    assert ranks[0]["overflow_row"]["skipped"] == [27] and 27 not in ranks[0]["overflow_row"]["indices"]
     # Rules of the StoppingRule interface: both stop inside the budget, at the same pick on every rank.
     for name in ("plateau_rule", "posthoc_cut"):
         assert ranks[0][name]["stop_reason"] == "early_stop" and 0 < len(ranks[0][name]["indices"]) < 30, name

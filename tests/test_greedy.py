@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -588,3 +590,90 @@ def test_regimes_and_searches_are_looked_up_by_name() -> None:
     objective = SpiceObjective(feats[:0], 1.0, capacity=5, rows="direct")
     with pytest.raises(ValueError, match="search must be one of"):
         ExactSource(objective, feats, torch.ones(50, dtype=torch.bool), search="greedy")
+
+
+# --- numbers at the edges of floating point ----------------------------------------------------------------
+
+
+def _rational_greedy(feats: torch.Tensor, k: int, alpha: float) -> tuple[list[int], list[float]]:
+    """Plain log-det greedy (λ = 0) in exact rational arithmetic: ``det(I + α Σ_S g gᵀ)`` by fraction-exact
+    elimination, gains ``log(det_{S∪x} / det_S)``; ties → lowest index. Independent of float range."""
+    rows = [[Fraction(float(v)) for v in row] for row in feats.double().tolist()]
+    d = len(rows[0])
+    a = Fraction(alpha)
+
+    def det(selected: list[int]) -> Fraction:
+        m = [[Fraction(int(i == j)) for j in range(d)] for i in range(d)]
+        for s in selected:
+            for i in range(d):
+                for j in range(d):
+                    m[i][j] += a * rows[s][i] * rows[s][j]
+        out = Fraction(1)
+        for c in range(d):
+            p = next(r for r in range(c, d) if m[r][c] != 0)
+            if p != c:
+                m[c], m[p] = m[p], m[c]
+                out = -out
+            out *= m[c][c]
+            for r in range(c + 1, d):
+                f = m[r][c] / m[c][c]
+                for j in range(c, d):
+                    m[r][j] -= f * m[c][j]
+        return out
+
+    picks: list[int] = []
+    gains: list[float] = []
+    for _ in range(k):
+        base = det(picks)
+        ratios = {x: det([*picks, x]) / base for x in range(len(rows)) if x not in picks}
+        best = max(ratios, key=lambda x: (ratios[x], -x))
+        picks.append(best)
+        gains.append(math.log(ratios[best]))
+    return picks, gains
+
+
+@pytest.mark.parametrize(
+    ("greedy", "search"), [("exact", "lazy"), ("exact", "incremental"), ("stochastic", "lazy"), ("pooled", "lazy")]
+)
+def test_float32_features_whose_squares_overflow_float32_are_selected_exactly(greedy: str, search: str) -> None:
+    """Entries of 1e20: ‖g‖² ~ 1e40 is beyond float32 (3.4e38) but the features themselves are float32. While
+    the picks do not span the space (k < d), the identity in I + αF stays resolved in float64 and every gain is
+    exact to rounding; past that, no float64 method resolves it (cond ~ 1e40), which a warning says."""
+    feats = (_features(12, 5, seed=29) * 1e20).float()
+    assert bool(torch.isinf(feats.square()).any())  # the premise
+    cfg = _cfg(budget=4, conflict_weight=0.0, greedy=greedy, exact_search=search, pool_size=12, picks_per_pool=4)
+    sel = select_from_features(feats, cfg)
+    picks, gains = _rational_greedy(feats, 4, 1.0)
+    assert sel.indices == picks and sel.skipped == []
+    # Δ ≈ 90 here; each gain is a log of a ratio known to ~1e-16 relative after a few downdates.
+    assert sel.gains == pytest.approx(gains, rel=1e-9)
+    assert all(math.isfinite(v) for v in [*sel.gains, *sel.conflicts, *sel.objective])
+
+
+def test_a_row_beyond_float64s_range_is_skipped_and_named(caplog: pytest.LogCaptureFixture) -> None:
+    feats = _features(20, 4, seed=31)
+    feats[3] = 1e200  # ‖g‖² = 4e400 overflows float64
+    with caplog.at_level(logging.WARNING, logger="spice_trainer.core.greedy"):
+        sel = select_from_features(feats, _cfg(budget=6))
+    assert sel.skipped == [3] and 3 not in sel.indices
+    assert all(math.isfinite(g) for g in sel.gains)
+    clean = feats.clone()
+    clean[3] = 0.0
+    assert sel.indices == _brute_force(clean, 6, 1.0, 0.1, eligible=[i != 3 for i in range(20)])[0]
+    assert "[3]" in caplog.text and "float64" in caplog.text
+    with pytest.raises(ValueError, match=r"initial rows \[3\]"):
+        select_from_features(feats, _cfg(budget=6), initial=[0, 3])
+
+
+def test_features_too_large_for_the_identity_to_matter_warn(caplog: pytest.LogCaptureFixture) -> None:
+    feats = _features(30, 3, seed=33) * 1e10  # α‖g‖² ~ 1e20 > 2**50: I is below float64's resolution of αF
+    with caplog.at_level(logging.WARNING, logger="spice_trainer.core.greedy"):
+        sel = select_from_features(feats, _cfg(budget=6))
+    assert len(sel) == 6 and all(math.isfinite(v) for v in [*sel.gains, *sel.scores])
+    assert "feature_norm" in caplog.text and "fisher_scale" in caplog.text
+
+
+def test_features_too_small_for_float64_are_refused() -> None:
+    feats = _features(20, 4, seed=32) * 1e-170  # α‖g‖² ~ 1e-340: below float64's normal range
+    with pytest.raises(ValueError, match="underflow"):
+        select_from_features(feats, _cfg(budget=3))

@@ -55,15 +55,18 @@ __all__ = [
     "IncrementalSearch",
     "LazySearch",
     "PooledSource",
+    "RowCheck",
     "Search",
     "StochasticSource",
     "best_candidate",
     "check_initial",
+    "check_usable",
     "lowest_best",
     "progress_bar",
     "run_greedy",
     "select_from_features",
     "selection_from_run",
+    "usable_rows",
 ]
 
 #: Candidates re-scored exactly per pick when rows are tracked in float32 (see `best_candidate`).
@@ -808,8 +811,9 @@ def select_from_features(
         initial: rows already selected (mode ``"grow"``), inserted into ``S`` first in the given order; they
             are never re-picked, not recorded as picks, and count towards the budget (if they already fill
             it, nothing is picked and the stop reason is ``"budget"``).
-        eligible: ``(n,)`` bool mask of rows that may be picked; rows with non-finite features are never
-            eligible.
+        eligible: ``(n,)`` bool mask of rows that may be picked; rows with non-finite features, or norms beyond
+            float64's range (`MAX_SQNORM`), are never eligible and are listed in ``Selection.skipped`` (a warning
+            names the latter).
         reference_gain: base of the ``ω`` rule (`PickHistory.reference_gain`); `None` = the first pick's ``Δ``.
         conflict_reference: ``(d,)`` a fixed direction ``r``: the conflict becomes ``c_x = max(0, −cos(g_x, r))``
             (a trusted set's mean gradient, a robust consensus of the pool) instead of the selected set's mean.
@@ -824,8 +828,9 @@ def select_from_features(
 
     Raises:
         TypeError: ``features`` is not a floating tensor, or ``eligible`` is not a bool tensor.
-        ValueError: ``features`` is not 2-D or is empty, every row is non-finite, every finite row is exactly
-            zero (no information to select on), the budget exceeds ``n``,
+        ValueError: ``features`` is not 2-D or is empty, every row is non-finite (or beyond float64's range,
+            `MAX_SQNORM`), every finite row is exactly zero (no information to select on), every row's ``α‖g‖²``
+            underflows float64, the budget exceeds ``n``,
             ``initial`` has out-of-range, duplicated or non-finite rows, ``eligible`` has the wrong shape,
             ``conflict_reference`` is not a finite non-zero ``(d,)`` vector.
     """
@@ -833,33 +838,18 @@ def select_from_features(
     feats = _check_features(features)
     n = feats.shape[0]
     budget = config.budget_count(n)
-    finite = finite_rows(feats)
-    n_finite = int(finite.sum())
-    if n_finite == 0:
-        raise ValueError(
-            f"every row of features ({n} rows) has a NaN or inf entry; nothing can be selected. "
-            "Check the gradient pass (e.g. a diverged model or a loss of inf)"
-        )
-    skipped = (~finite).nonzero().flatten().tolist() if n_finite < n else []
-    # Zero the non-finite rows so that no matmul propagates NaN; they are never eligible.
-    clean = feats if not skipped else torch.where(finite.unsqueeze(1), feats, torch.zeros((), dtype=feats.dtype))
-    if not bool(clean.any()):
-        # Every gain would be 0: the "selection" would be the first rows by index, which looks like a
-        # result but carries no information. Say so instead.
-        raise ValueError(
-            f"every finite row of features ({n_finite} of {n}) is exactly zero, so every gain is 0 and there is "
-            "nothing to select on. The gradients carry no signal: check that the loss reaches the LoRA adapter "
-            "(both lora_A and lora_B at zero, a disabled/merged adapter, or every label masked)"
-        )
+    check = usable_rows(feats, config.fisher_scale)
+    usable = check.usable
+    skipped = check_usable(check, config.fisher_scale)
+    # Zero the skipped rows so that no matmul propagates NaN or inf; they are never eligible.
+    clean = feats if not skipped else torch.where(usable.unsqueeze(1), feats, torch.zeros((), dtype=feats.dtype))
     init = check_initial(initial, n, skipped)
-    mask = finite.clone()
+    mask = usable.clone()
     if eligible is not None:
         mask &= _check_eligible(eligible, n, feats.device)
     if init:
         mask[torch.tensor(init, device=feats.device)] = False
     n_eligible = int(mask.sum())
-    if skipped:
-        logger.warning("spice: %d of %d rows have non-finite features; they are never picked", len(skipped), n)
 
     to_pick = max(0, budget - len(init))
     regime = REGIMES[config.greedy]
@@ -959,10 +949,94 @@ def _check_features(features: Any) -> torch.Tensor:
     return features
 
 
-def finite_rows(features: torch.Tensor, rows: int = 16384) -> torch.Tensor:
-    """``(n,)`` bool: rows without NaN/inf, checked a chunk at a time (``isfinite`` makes several
-    ``(n, d)`` temporaries)."""
-    return torch.cat([torch.isfinite(features[i : i + rows]).all(dim=1) for i in range(0, features.shape[0], rows)])
+#: The largest ``‖g‖²`` and ``α‖g‖²`` a row may have: every product of two feature norms, and every sum of up to
+#: 10⁷ such products (the conflict's ``g_xᵀ Σ_S g``), stays finite in float64 (max ≈ 1.8e308).
+MAX_SQNORM = 1e300
+#: Beyond this ``α‖g‖²`` the identity in ``I + αF`` is below float64's resolution of ``αF`` (2^-52) once the
+#: picks span the feature space: later gains are rounding.
+_RESOLVED_SQNORM = 2.0**50
+
+
+class RowCheck(NamedTuple):
+    """`usable_rows`' answer, each ``(n,)``: ``finite`` (no NaN/inf entry), ``usable`` (finite, and ``‖g‖²`` and
+    ``α‖g‖²`` at most `MAX_SQNORM` in float64), ``nonzero`` (some entry is not 0) and ``sqnorms`` (``‖g‖²`` in
+    float64)."""
+
+    finite: torch.Tensor
+    usable: torch.Tensor
+    nonzero: torch.Tensor
+    sqnorms: torch.Tensor
+
+
+def usable_rows(features: torch.Tensor, fisher_scale: float, rows: int = 16384) -> RowCheck:
+    """Which rows the greedy can use, checked a chunk at a time (no ``(n, d)`` temporaries)."""
+    finite: list[torch.Tensor] = []
+    nonzero: list[torch.Tensor] = []
+    sqnorms: list[torch.Tensor] = []
+    for i in range(0, features.shape[0], rows):
+        chunk = features[i : i + rows]
+        finite.append(torch.isfinite(chunk).all(dim=1))
+        nonzero.append((chunk != 0).any(dim=1))
+        sqnorms.append(chunk.to(torch.float64).square().sum(dim=1))
+    ok, sq = torch.cat(finite), torch.cat(sqnorms)
+    return RowCheck(ok, ok & (sq * max(1.0, fisher_scale) <= MAX_SQNORM), torch.cat(nonzero), sq)
+
+
+def check_usable(check: RowCheck, fisher_scale: float, *, warn: bool = True) -> list[int]:
+    """The rows to skip (not `usable`), after refusing pools that cannot be selected from.
+
+    Logs a warning naming the rows whose norms overflow float64 (and counting the non-finite ones), and one
+    when ``α‖g‖²`` is so large that float64 cannot resolve the identity in ``I + αF`` (``warn``).
+
+    Raises:
+        ValueError: no row is usable; every usable row is exactly zero; or every usable row's ``α‖g‖²`` is
+            below float64's normal range (all gains would underflow to 0 and the picks follow row order).
+    """
+    usable, sqnorms = check.usable, check.sqnorms
+    n = usable.shape[0]
+    overflow = (check.finite & ~usable).nonzero().flatten().tolist()
+    skipped = (~usable).nonzero().flatten().tolist()
+    if not bool(usable.any()):
+        raise ValueError(
+            f"every row of features ({n} rows) has a NaN or inf entry or a norm beyond float64's range "
+            f"(α‖g‖² > {MAX_SQNORM:g}); nothing can be selected. Check the gradient pass (e.g. a diverged model "
+            "or a loss of inf)"
+        )
+    largest = float((fisher_scale * sqnorms[usable]).max())
+    if not bool((check.nonzero & usable).any()):
+        # Every gain would be 0: the "selection" would be the first rows by index, which looks like a
+        # result but carries no information. Say so instead.
+        raise ValueError(
+            f"every finite row of features ({int(usable.sum())} of {n}) is exactly zero, so every gain is 0 and "
+            "there is nothing to select on. The gradients carry no signal: check that the loss reaches the LoRA "
+            "adapter (both lora_A and lora_B at zero, a disabled/merged adapter, or every label masked)"
+        )
+    if largest < torch.finfo(torch.float64).tiny:
+        raise ValueError(
+            f"the features are too small for float64: the largest α‖g‖² is {largest:.3g}, below its normal range "
+            f"({torch.finfo(torch.float64).tiny:.3g}), so every gain would underflow to 0 and the picks would "
+            "follow row order. Scale the features up (e.g. feature_norm='unit') or raise fisher_scale"
+        )
+    if warn and skipped:
+        if overflow:
+            logger.warning(
+                "spice: rows %s have feature norms beyond float64's range (‖g‖² or α‖g‖² > %g); they are never "
+                "picked. A diverged gradient? Normalise the features (feature_norm='unit')",
+                overflow[:10] if len(overflow) <= 10 else f"{overflow[:10]} (and {len(overflow) - 10} more)",
+                MAX_SQNORM,
+            )
+        if len(skipped) > len(overflow):
+            logger.warning(
+                "spice: %d of %d rows have non-finite features; they are never picked", len(skipped) - len(overflow), n
+            )
+    if warn and largest > _RESOLVED_SQNORM:
+        logger.warning(
+            "spice: α‖g‖² reaches %.3g: once the picks span the feature space, float64 cannot resolve the "
+            "identity in I + αF and later gains are rounding. Normalise the features (feature_norm='unit') or "
+            "lower fisher_scale",
+            largest,
+        )
+    return skipped
 
 
 def check_initial(initial: Sequence[int] | None, n: int, skipped: Sequence[int]) -> list[int]:
@@ -970,7 +1044,7 @@ def check_initial(initial: Sequence[int] | None, n: int, skipped: Sequence[int])
 
     Raises:
         TypeError: an entry is not an int.
-        ValueError: an index is out of range, repeated, or one of ``skipped`` (non-finite features).
+        ValueError: an index is out of range, repeated, or one of ``skipped`` (unusable features).
     """
     if initial is None:
         return []
@@ -990,7 +1064,8 @@ def check_initial(initial: Sequence[int] | None, n: int, skipped: Sequence[int])
     bad_finite = sorted(set(rows) & set(skipped))
     if bad_finite:
         raise ValueError(
-            f"initial rows {bad_finite[:10]} have non-finite features; drop them from initial or recompute features"
+            f"initial rows {bad_finite[:10]} have non-finite features (or norms beyond float64's range); drop them "
+            "from initial or recompute features"
         )
     return rows
 

@@ -426,9 +426,10 @@ class RowScores:
         self.follow_set = not conflict.fixed
         block = block.to(device=fisher.device)
         feature_dtype = torch.float64 if exact or block.dtype == torch.float64 else torch.float32
-        self.features_t = block.T.to(feature_dtype).contiguous()  # (d, m)
         self.sqnorms = _row_sqnorms(block, dtype)
         self.norms = self.sqnorms.sqrt()
+        copy, self._unscale = _screening_copy(block, feature_dtype, self.sqnorms)
+        self.features_t = copy.T.contiguous()  # (d, m)
         self.s = fisher.quad(block).to(dtype) if fisher.size else self.sqnorms.clone()
         if conflict.active:
             vector = conflict.vector.to(dtype)
@@ -437,16 +438,23 @@ class RowScores:
             self.dots = torch.zeros_like(self.sqnorms)
 
     def update(self, u: torch.Tensor, scale: float, g: torch.Tensor) -> None:
-        """Apply one pick: ``u = M⁻¹ g_j`` (before the pick), ``scale = α / (1 + α g_jᵀ u)``, ``g = g_j``."""
-        lhs = torch.stack([u, g])
+        """Apply one pick: ``u = M⁻¹ g_j`` (before the pick), ``scale = α / (1 + α g_jᵀ u)``, ``g = g_j``.
+
+        The product reads ``ũ = √scale · u`` (``‖ũ‖ < 1``) and ``g_j / ‖g_j‖``, so that its entries are at most the
+        rows' norms: no float32 overflow, whatever the features' scale.
+        """
+        norm = float(torch.linalg.vector_norm(g))
+        lhs = torch.stack([u * math.sqrt(scale), g / norm if norm > 0.0 else g])
         if lhs.dtype != self.features_t.dtype:
             lhs = lhs.to(self.features_t.dtype)
         proj = lhs @ self.features_t
         if proj.dtype != self.dtype:
             proj = proj.to(self.dtype)
-        self.s.sub_(proj[0].square_(), alpha=scale).clamp_min_(0.0)
+        if self._unscale != 1.0:
+            proj.mul_(self._unscale)
+        self.s.sub_(proj[0].square_()).clamp_min_(0.0)
         if self.follow_set:
-            self.dots.add_(proj[1])
+            self.dots.add_(proj[1], alpha=norm)
 
     def gains(self) -> torch.Tensor:
         """``Δ_i = log(1 + α s_i)``, ``(m,)``."""
@@ -481,8 +489,8 @@ class RowBounds:
         self.device = fisher.device
         block = block.to(device=self.device)
         self.compute_dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
-        self.features = block if block.dtype == self.compute_dtype else block.to(self.compute_dtype)
         self.sqnorms = _row_sqnorms(block, torch.float64)
+        self.features, self._unscale = _screening_copy(block, self.compute_dtype, self.sqnorms)
         self.s = fisher.quad(block) if fisher.size else self.sqnorms.clone()
         self._gamma = (block.shape[1] + 4) * torch.finfo(self.compute_dtype).eps / 2
         self._weight = 0.0  # W: Σ ‖ũ‖² over the refreshed picks
@@ -510,14 +518,23 @@ class RowBounds:
             # Squares in the product's dtype, summed in float64: one more rounding u per term, at most
             # u Σ (gᵀũ)² ≤ u ‖g‖² over the whole run (in `_relative_error`).
             dots = self.features[i : i + rows] @ rhs
-            self.s[i : i + rows].sub_(dots.square_().sum(dim=1, dtype=torch.float64)).clamp_min_(0.0)
+            sums = dots.square_().sum(dim=1, dtype=torch.float64)
+            if self._unscale != 1.0:
+                sums.mul_(self._unscale * self._unscale)
+            self.s[i : i + rows].sub_(sums).clamp_min_(0.0)
         self._weight += float(directions.square().sum())
         self.pending = 0
         self.version += 1
 
     def gain_bounds(self) -> torch.Tensor:
         """``(m,)`` upper bounds of every row's ``Δ = log(1 + α s)``, now and for every later set."""
-        return torch.log1p(self.fisher_scale * (self.s + self._relative_error() * self.sqnorms))
+        slack = self._relative_error() * self.sqnorms
+        if self._unscale != 1.0:
+            # Entries the scaled copy flushed below float32's normal range: at most d (2^-126 · unscale)² each
+            # way per product, over every refreshed pick.
+            tiny = self.features.shape[1] * (2.0**-126 * self._unscale) ** 2
+            slack = slack + 4.0 * tiny * (1.0 + self._weight)
+        return torch.log1p(self.fisher_scale * (self.s + slack))
 
     def _relative_error(self) -> float:
         w = self._weight
@@ -532,6 +549,22 @@ def _chunked(
     if block.shape[0] <= rows:
         return fn(block.to(dtype))
     return torch.cat([fn(block[i : i + rows].to(dtype)) for i in range(0, block.shape[0], rows)])
+
+
+def _screening_copy(block: torch.Tensor, dtype: torch.dtype, sqnorms: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``block`` in ``dtype`` for the per-pick products, and the factor that undoes its scaling.
+
+    Float32 copies of rows with norms beyond ``2^60`` are scaled by a power of two (exact) so that no product
+    with a vector of norm at most 1 overflows float32 (max ``2^128``); the products are multiplied back in
+    float64. Features of ordinary size are copied as they are (factor 1).
+    """
+    if dtype == torch.float64 or sqnorms.numel() == 0:
+        return block.to(dtype), 1.0
+    largest = math.sqrt(float(sqnorms.max()))
+    if largest <= 2.0**60:
+        return block.to(dtype), 1.0
+    shift = math.ceil(math.log2(largest))
+    return _chunked(block, torch.float64, lambda chunk: torch.ldexp(chunk, torch.tensor(-shift)).to(dtype)), 2.0**shift
 
 
 def _row_sqnorms(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -8,7 +8,6 @@ See `spice_trainer.distributed.comm` for the strategy (gather-then-greedy vs thi
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,10 +20,13 @@ from spice_trainer.core.greedy import (
     TIE,
     Candidate,
     ExactSource,
+    RowCheck,
     check_initial,
+    check_usable,
     progress_bar,
     run_greedy,
     selection_from_run,
+    usable_rows,
 )
 from spice_trainer.core.objective import SpiceObjective
 from spice_trainer.core.selection import Selection
@@ -32,7 +34,6 @@ from spice_trainer.core.stopping import StoppingRule, stopping_rule
 from spice_trainer.distributed.comm import (
     all_gather_ints,
     all_gather_table,
-    any_rank,
     broadcast_tensor,
     collective_device,
     gather_rows,
@@ -41,8 +42,6 @@ from spice_trainer.distributed.comm import (
     rank,
     world_size,
 )
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["ShardedSource", "distributed_bytes_per_pick", "distributed_greedy"]
 
@@ -120,24 +119,21 @@ def distributed_greedy(
         )
     device = local_features.device
     budget = config.budget_count(n)
-    finite = torch.isfinite(local_features).all(dim=1) if m else torch.zeros(0, dtype=torch.bool, device=device)
-    local_skipped = [row_list[i] for i in (~finite).nonzero().flatten().tolist()]
-    skipped = sorted(gather_rows(torch.tensor(local_skipped, dtype=torch.int64)).tolist())
-    if len(skipped) == n:
-        raise ValueError(
-            f"every row of features ({n} rows) has a NaN or inf entry; nothing can be selected. "
-            "Check the gradient pass (e.g. a diverged model or a loss of inf)"
-        )
-    clean = torch.where(finite.unsqueeze(1), local_features, torch.zeros((), dtype=local_features.dtype))
-    if not any_rank(bool(clean.any())):
-        raise ValueError(
-            f"every finite row of features ({n - len(skipped)} of {n}) is exactly zero, so every gain is 0 and "
-            "there is nothing to select on. The gradients carry no signal: check that the loss reaches the LoRA "
-            "adapter (both lora_A and lora_B at zero, a disabled/merged adapter, or every label masked)"
-        )
+    # The single-process checks on the whole pool: each rank checks its rows, every rank reads all of them
+    # (n flags and norms), so every rank raises the same error or skips the same rows.
+    mine = usable_rows(local_features, config.fisher_scale) if m else None
+    parts = (
+        (mine.finite, mine.usable, mine.nonzero, mine.sqnorms)
+        if mine is not None
+        else (torch.zeros(0, dtype=torch.bool),) * 3 + (torch.zeros(0, dtype=torch.float64),)
+    )
+    check = RowCheck(*(gather_rows(part.cpu()) for part in parts))
+    skipped = check_usable(check, config.fisher_scale, warn=is_main_process())
+    usable = mine.usable if mine is not None else torch.zeros(0, dtype=torch.bool, device=device)
+    clean = torch.where(usable.unsqueeze(1), local_features, torch.zeros((), dtype=local_features.dtype))
     init = check_initial(initial, n, skipped)
     position = {row: i for i, row in enumerate(row_list)}
-    mask = finite.clone()
+    mask = usable.clone()
     if local_eligible is not None:
         if local_eligible.dtype != torch.bool or tuple(local_eligible.shape) != (m,):
             raise ValueError(
@@ -149,8 +145,6 @@ def distributed_greedy(
         if row in position:
             mask[position[row]] = False
     n_eligible = sum(c[0] for c in all_gather_ints([int(mask.sum())]))
-    if skipped:
-        logger.warning("spice: %d of %d rows have non-finite features; they are never picked", len(skipped), n)
 
     to_pick = max(0, budget - len(init))
     # Same state and method choice as the single-process exact greedy ("auto": dual while k < d).

@@ -40,7 +40,14 @@ import torch
 from torch import nn
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.core.greedy import PooledSource, check_initial, progress_bar, run_greedy, selection_from_run
+from spice_trainer.core.greedy import (
+    PooledSource,
+    check_initial,
+    progress_bar,
+    run_greedy,
+    selection_from_run,
+    usable_rows,
+)
 from spice_trainer.core.objective import SpiceObjective
 from spice_trainer.core.selection import Selection
 from spice_trainer.core.stopping import stopping_rule
@@ -296,9 +303,13 @@ class ProxyModel:
             t0 = time.perf_counter()
             init_feats = self.features(dataset, cfg, data_collator, indices=init).features
             timings["features"] += time.perf_counter() - t0
-            bad = [r for r, ok in zip(init, torch.isfinite(init_feats).all(dim=1).tolist(), strict=True) if not ok]
+            usable = usable_rows(init_feats, config.fisher_scale).usable
+            bad = [r for r, ok in zip(init, usable.tolist(), strict=True) if not ok]
             if bad:
-                raise ValueError(f"initial rows {bad[:10]} have non-finite proxy features; drop them from initial")
+                raise ValueError(
+                    f"initial rows {bad[:10]} have non-finite proxy features (or norms beyond float64's range); "
+                    "drop them from initial"
+                )
             for g in init_feats:
                 objective.add(g)
         initial_objective = objective.logdet
@@ -327,10 +338,10 @@ class ProxyModel:
             t0 = time.perf_counter()
             grads = self.features(dataset, cfg, data_collator, indices=rows)
             timings["features"] += time.perf_counter() - t0
-            finite = torch.isfinite(grads.features).all(dim=1)
-            skipped.extend(r for r, ok in zip(rows, finite.tolist(), strict=True) if not ok)
-            eligible = finite & eligible_rows(grads, config.with_changes(budget=quota))
-            return torch.where(finite.unsqueeze(1), grads.features, torch.zeros(())), eligible
+            usable = usable_rows(grads.features, config.fisher_scale).usable  # finite, norms within float64
+            skipped.extend(r for r, ok in zip(rows, usable.tolist(), strict=True) if not ok)
+            eligible = usable & eligible_rows(grads, config.with_changes(budget=quota))
+            return torch.where(usable.unsqueeze(1), grads.features, torch.zeros(())), eligible
 
         source = PooledSource(
             objective,

@@ -68,6 +68,8 @@ def cases() -> dict[str, dict[str, Any]]:
     """name -> {features, config, initial, eligible, reference_gain, stopping (a rule factory)}."""
     nan_feats = _gauss(30, 5, 3)
     nan_feats[[4, 27]] = float("nan")
+    overflow = _gauss(30, 5, 9).double()
+    overflow[27] = 1e200  # ‖g‖² overflows float64: skipped, on the last rank's shard
     eligible_first_half_out = torch.ones(24, dtype=torch.bool)
     eligible_first_half_out[:12] = False
     return {
@@ -101,6 +103,10 @@ def cases() -> dict[str, dict[str, Any]]:
             "config": SpiceConfig(budget=10, conflict_weight=0.2, stop_ratio=0.2),
             "initial": [25, 1, 14],
             "reference_gain": 2.0,
+        },
+        "overflow_row": {
+            "features": overflow,
+            "config": SpiceConfig(budget=8, conflict_weight=0.2, stop_ratio=None),
         },
         "plateau_rule": {
             "features": _gauss(60, 5, 7),
