@@ -8,6 +8,8 @@ Sections (``--sections``, default all):
   from ``on_epoch_begin`` to ``on_epoch_end``) against one live selection round (`spice_trainer.select`:
   the gradient pass and the greedy) with each ``--projections`` family, and against a proxy round
   (`ProxyModel.select` with a model of half the width). Target: a live round ≤ 1.0 epoch.
+- ``profile``: where the gradient pass's time goes on short rows: the pass with its projection switched off,
+  with the per-example products switched off too, row sorting, fetching and collation, a forward pass alone.
 - ``threads``: the gradient pass with 1 thread, with every core, and with the default policy
   (``SpiceConfig.threads=None``, `spice_trainer.core.threads`), interleaved.
 - ``agreement``: on the synthetic instruction world (a pretrained tiny Llama, a curated pool), the selection
@@ -241,6 +243,76 @@ def section_threads(args: argparse.Namespace) -> None:
     print(f"policy chose {chosen} thread(s); load average {load():.1f} on {cores} cores\n")
 
 
+def section_profile(args: argparse.Namespace) -> None:
+    """Where a gradient pass's time goes, by switching its parts off one at a time (CPU seconds, best of runs)."""
+    import spice_trainer.features.gradients as gradients
+    from spice_trainer.core.projection import BlockProjector, KroneckerProjector
+    from spice_trainer.features.batches import collate, longest_first, prepare_row
+
+    print("## profile: the gradient pass on short rows, part by part (CPU seconds, best of --repeats)\n")
+    tok = tokenizer()
+    spec = LENGTHS["short"]
+    rows = spec["rows"] // (4 if args.quick else 1)
+    model = add_lora(llama(tok, args.hidden, 0, 64), r=LORA_R, seed=0)
+    dataset = random_rows(tok, rows, spec["tokens"])
+    data_collator = collator(tok)
+
+    def best(fn: Callable[[], Any]) -> float:
+        return min(timed(fn)[2] for _ in range(args.repeats))
+
+    def features(projection: str) -> float:
+        cfg = SpiceConfig(batch_size=BATCH, projection=projection, threads=torch.get_num_threads())
+        return best(
+            partial(gradients.compute_gradient_features, model, dataset, cfg, data_collator, show_progress=False)
+        )
+
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        figures["Trainer epoch"] = min(
+            trainer_epoch(model, dataset, data_collator, tmp)[1] for _ in range(args.repeats)
+        )
+    for projection in args.projections:
+        figures[f"gradient pass, {projection}"] = features(projection)
+    project_call = gradients._project_call
+    original = {}
+    try:
+        # The projection only: the per-example products stay, their projection is skipped.
+        for cls in (BlockProjector, KroneckerProjector):
+            original[cls] = cls.project_matrices
+            cls.project_matrices = lambda self, grads, out, transposed=False: None  # type: ignore[method-assign]
+        figures["  without the projection"] = features(args.projections[0])
+        # The per-example products and the projection: the hooks still capture, nothing is multiplied.
+        gradients._project_call = lambda *a: None
+        figures["  without per-example products and projection"] = features(args.projections[0])
+    finally:
+        gradients._project_call = project_call
+        for cls, fn in original.items():
+            cls.project_matrices = fn  # type: ignore[method-assign]
+    order = list(range(len(dataset)))
+    figures["  sorting rows by length"] = best(lambda: longest_first(dataset, order, None))
+    figures["  fetching and collating the rows"] = best(
+        lambda: [
+            collate(data_collator, [prepare_row(r, None) for r in dataset.__getitems__(order[i : i + BATCH])])
+            for i in range(0, len(order), BATCH)
+        ]
+    )
+
+    def forward_only() -> None:
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(order), BATCH):
+                batch = data_collator([dict(r) for r in dataset.__getitems__(order[i : i + BATCH])])
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+
+    figures["  a forward pass alone (no grad)"] = best(forward_only)
+    epoch = figures["Trainer epoch"]
+    print(f"{rows} rows x ~{spec['tokens']} tokens, batch {BATCH}, {torch.get_num_threads()} thread(s)\n")
+    print(f"{'part':<48} {'cpu s':>7} {'epochs':>7}")
+    for label, value in figures.items():
+        print(f"{label:<48} {value:>7.2f} {value / epoch:>7.2f}")
+    print()
+
+
 def log_det(features: torch.Tensor, rows: list[int], alpha: float = 1.0) -> float:
     """``log det(I + α Σ_{i∈S} g_i g_iᵀ)`` in float64."""
     g = features[rows].double()
@@ -396,7 +468,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64, help="the target model's width (default 64)")
     parser.add_argument("--lengths", default="short,medium,long", help="comma-separated: short, medium, long")
     parser.add_argument("--projections", default="rademacher,kronecker", help="projection families of the live rounds")
-    parser.add_argument("--sections", default="cost,threads,agreement,reselect")
+    parser.add_argument("--sections", default="cost,profile,threads,agreement,reselect")
     parser.add_argument("--shortlist", type=float, default=0.25, help="reselect_shortlist of the cheap round")
     parser.add_argument("--train-epochs", type=float, default=2.0, help="training on the picks before reselecting")
     args = parser.parse_args()
@@ -414,6 +486,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}; load average {load():.1f}\n")
     sections = {
         "cost": section_cost,
+        "profile": section_profile,
         "threads": section_threads,
         "agreement": section_agreement,
         "reselect": section_reselect,
