@@ -63,3 +63,14 @@ def test_bad_counts_are_clear_errors(bad):
         th.SelectionThreads(bad)
     with pytest.raises(ValueError, match="threads must be a positive int"):
         SpiceConfig(threads=bad)
+
+
+def test_short_passes_in_a_row_share_one_measurement(monkeypatch, two_threads):
+    calls = []
+    monkeypatch.setattr(th, "free_cpus", lambda: calls.append(1) or 2.0)
+    monkeypatch.setattr(th, "_last_measurement", None)  # forget what earlier tests measured
+    for _ in range(3):
+        with th.SelectionThreads(None, recheck_seconds=60.0):
+            pass
+    assert len(calls) == 1
+    assert th.choose_threads(None, ceiling=2) == 2 and len(calls) == 2  # max_age 0: measured afresh

@@ -10,8 +10,8 @@ The policy (`SelectionThreads`, ``SpiceConfig.threads=None``): while a selection
 use as many threads as there are idle cores, capped by the caller's ``torch.get_num_threads()``. Idle cores
 are measured from ``/proc/stat`` over a 0.1 s window while this process waits (so its own threads do not
 count), on the cores this process may run on; where ``/proc/stat`` is missing (not Linux) the one-minute
-load average stands in. The count is measured again every ``recheck_seconds`` of a long pass, and the
-caller's setting is restored afterwards. ``SpiceConfig.threads=N`` uses exactly ``N`` threads instead.
+load average stands in. The count is measured again every ``recheck_seconds`` of a long pass (short passes in
+a row share one measurement), and the caller's setting is restored afterwards. ``SpiceConfig.threads=N`` uses exactly ``N`` threads instead.
 
 Only torch and the standard library are imported.
 """
@@ -73,22 +73,32 @@ def free_cpus() -> float:
     return max(0.0, len(usable_cpus()) - load)
 
 
-def choose_threads(requested: int | None, ceiling: int | None = None) -> int:
+# The latest measurement, (time.monotonic(), idle cores): many short passes in a row (a proxy's pools, probes)
+# share one measurement instead of each waiting _WINDOW_SECONDS.
+_last_measurement: tuple[float, float] | None = None
+
+
+def choose_threads(requested: int | None, ceiling: int | None = None, *, max_age: float = 0.0) -> int:
     """The thread count for CPU selection work.
 
     Args:
         requested: an explicit count (``SpiceConfig.threads``), used as it is; `None` applies the policy.
         ceiling: the most threads the policy may choose; defaults to ``torch.get_num_threads()``.
+        max_age: reuse a measurement of the idle cores taken less than this many seconds ago.
 
     Returns:
         ``requested``, or ``clamp(⌊idle cores + 1/4⌋, 1, ceiling)``.
     """
+    global _last_measurement
     if requested is not None:
         return int(requested)
     ceiling = torch.get_num_threads() if ceiling is None else ceiling
     if ceiling <= 1:
         return 1
-    return max(1, min(ceiling, math.floor(free_cpus() + _IDLE_ROUNDING)))
+    now = time.monotonic()
+    if _last_measurement is None or now - _last_measurement[0] >= max_age:
+        _last_measurement = (now, free_cpus())
+    return max(1, min(ceiling, math.floor(_last_measurement[1] + _IDLE_ROUNDING)))
 
 
 class SelectionThreads:
@@ -127,7 +137,7 @@ class SelectionThreads:
             self._apply()
 
     def _apply(self) -> None:
-        self.threads = choose_threads(self.requested, ceiling=self._saved)
+        self.threads = choose_threads(self.requested, ceiling=self._saved, max_age=self.recheck_seconds)
         self._checked_at = time.monotonic()
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
