@@ -11,7 +11,8 @@ use as many threads as there are idle cores, capped by the caller's ``torch.get_
 are measured from ``/proc/stat`` over a 0.1 s window while this process waits (so its own threads do not
 count), on the cores this process may run on; where ``/proc/stat`` is missing (not Linux) the one-minute
 load average stands in. The count is measured again every ``recheck_seconds`` of a long pass (short passes in
-a row share one measurement), and the caller's setting is restored afterwards. ``SpiceConfig.threads=N`` uses exactly ``N`` threads instead.
+a row share one measurement), and the caller's setting is restored afterwards. ``SpiceConfig.threads=N``
+uses exactly ``N`` threads instead.
 
 Only torch and the standard library are imported.
 """
