@@ -25,7 +25,13 @@ from spice_trainer.core.greedy import select_from_features
 from spice_trainer.core.selection import Selection
 from spice_trainer.distributed import comm as sd
 from spice_trainer.distributed.greedy import distributed_greedy
-from spice_trainer.features.gradients import GradientFeatures, Lockstep, compute_gradient_features, is_sharded_model
+from spice_trainer.features.gradients import (
+    GradientFeatures,
+    Lockstep,
+    compute_gradient_features,
+    compute_losses,
+    is_sharded_model,
+)
 from spice_trainer.features.reselect import FeatureCache, shortlist
 from spice_trainer.features.store import FeatureStore, default_chunk_rows, store_fingerprint
 
@@ -128,9 +134,13 @@ def select(
             feature_cache=feature_cache,
         )
     start = time.perf_counter()
-    grads = compute_gradient_features(
-        model, dataset, config, data_collator, optimizer=optimizer, show_progress=show_progress
-    )
+    measured: torch.Tensor | None = None  # rows whose features were computed (None: every row)
+    if config.min_loss is not None or config.max_loss_quantile is not None:
+        grads, measured = _guarded_features(model, dataset, config, data_collator, initial, optimizer, show_progress)
+    else:
+        grads = compute_gradient_features(
+            model, dataset, config, data_collator, optimizer=optimizer, show_progress=show_progress
+        )
     feature_seconds = time.perf_counter() - start
     eligible = eligible_rows(grads, config)
     non_finite = int((~torch.isfinite(grads.losses)).sum())
@@ -155,10 +165,49 @@ def select(
         )
     )
     if feature_cache is not None:
-        feature_cache.record(
-            None, _sqnorms(grads.features), grads.losses, grads.num_tokens, selection.selected, config, n
-        )
+        sqnorms = _sqnorms(grads.features)
+        if measured is not None:
+            sqnorms[~measured] = float("nan")  # not measured: no remembered gradient
+        feature_cache.record(None, sqnorms, grads.losses, grads.num_tokens, selection.selected, config, n)
     return selection
+
+
+def _guarded_features(
+    model: Any,
+    dataset: Any,
+    config: SpiceConfig,
+    data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None,
+    initial: Sequence[int] | None,
+    optimizer: torch.optim.Optimizer | None,
+    show_progress: bool,
+) -> tuple[GradientFeatures, torch.Tensor]:
+    """Losses first, gradients only where they can matter: the same selection for less work.
+
+    With a loss guard on, only the rows `eligible_rows` admits (and the ``initial`` rows) can influence the
+    greedy, and eligibility depends on the losses alone. So a forward pass over the pool (`compute_losses`, no
+    backward) decides eligibility, and the gradient pass runs on the eligible and initial rows only. The other
+    rows' features are never read by the greedy: they are returned as zeros (NaN where the gradient pass would
+    have given NaN: rows without a finite loss or a supervised token, which the greedy reports as skipped). The
+    losses are the forward pass's: the same computation as the gradient pass's, up to float32 rounding of
+    batches of different rows. Cost: a forward over the pool plus a gradient pass over the eligible share.
+
+    Returns:
+        The features of every row (zeros where not measured) and the ``(n,)`` bool mask of measured rows.
+    """
+    losses, num_tokens = compute_losses(model, dataset, config, data_collator, show_progress=show_progress)
+    eligible = _eligible(losses, num_tokens, config)
+    rows = sorted({int(i) for i in eligible.nonzero().flatten().tolist()} | {int(i) for i in (initial or [])})
+    n = len(losses)
+    features = torch.zeros(n, config.proj_dim, dtype=torch.float32)
+    features[~(torch.isfinite(losses) & (num_tokens > 0))] = float("nan")
+    measured = torch.zeros(n, dtype=torch.bool)
+    if rows:
+        grads = compute_gradient_features(
+            model, dataset, config, data_collator, indices=rows, optimizer=optimizer, show_progress=show_progress
+        )
+        features[rows] = grads.features
+        measured[rows] = True
+    return GradientFeatures(features=features, losses=losses, num_tokens=num_tokens), measured
 
 
 def _select_shortlist(

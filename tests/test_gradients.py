@@ -445,3 +445,17 @@ def test_thread_count_applies_during_the_pass_and_is_restored():
     finally:
         torch.set_num_threads(before)
         handle.remove()
+
+
+def test_forward_only_losses_equal_the_gradient_pass_losses():
+    from spice_trainer.features.gradients import compute_losses
+
+    model, rows = _model(), _rows(9)
+    rows[3]["labels"] = [-100] * len(rows[3]["labels"])
+    config = SpiceConfig(proj_dim=8, batch_size=4)
+    full = compute_gradient_features(model, rows, config, show_progress=False)
+    model.train()
+    losses, tokens = compute_losses(model, rows, config, indices=list(range(9)), show_progress=False)
+    assert model.training  # the mode is restored
+    assert torch.equal(tokens, full.num_tokens) and torch.isnan(losses[3])
+    torch.testing.assert_close(losses, full.losses, rtol=1e-5, atol=1e-6, equal_nan=True)

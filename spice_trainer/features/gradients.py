@@ -326,6 +326,67 @@ def compute_gradient_features(
     return GradientFeatures(features=features, losses=losses, num_tokens=num_tokens)
 
 
+def compute_losses(
+    model: nn.Module,
+    dataset: Any,
+    config: SpiceConfig,
+    data_collator: Collator | None = None,
+    *,
+    indices: Sequence[int] | None = None,
+    show_progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's loss and supervised token count from a forward pass alone (no backward, no hooks).
+
+    The same loss as `compute_gradient_features` reports (each row's mean next-token cross-entropy over its
+    supervised tokens, eval mode, batches of ``config.batch_size`` rows of similar length, only positions with a
+    target through the LM head), for about a third of its cost: what the loss guards need to decide which rows
+    can be picked before any gradient is taken (`spice_trainer.pipeline.select`).
+
+    Returns:
+        ``(losses (n,) float32, num_tokens (n,) int64)`` in ``indices`` order; NaN loss for a row without a
+        supervised token.
+    """
+    rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    model = unwrap_model(model)
+    n = len(rows)
+    losses = torch.full((n,), float("nan"), dtype=torch.float32)
+    num_tokens = torch.zeros(n, dtype=torch.int64)
+    collator = data_collator or PadCollator(pad_token_id(model))
+    device = input_device(model)
+    order = longest_first(dataset, rows, config.max_length)
+    batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
+    bar = _progress(len(batches), show_progress and len(batches) > 1, "spice: losses")
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with SelectionThreads(config.threads, enabled=device.type == "cpu") as threads, torch.no_grad():
+            for positions in batches:
+                threads.recheck()
+                batch_rows = [rows[j] for j in positions]
+                batch = collate(collator, [prepare_row(row, config.max_length) for row in _fetch(dataset, batch_rows)])
+                check_batch_rows(batch, len(batch_rows))
+                kwargs = model_inputs(batch, device)
+                targets = nn.functional.pad(batch_labels(batch).to(device), (0, 1), value=-100)[:, 1:]
+                keep = (targets != -100).any(dim=0).nonzero().flatten()
+                if 0 < keep.numel() < targets.shape[1] and accepts_logits_to_keep(model):
+                    kwargs["logits_to_keep"] = keep
+                logits = model(**kwargs).logits
+                check_labels(targets, logits.shape[-1], batch_rows)
+                if "logits_to_keep" in kwargs:
+                    targets = targets[:, keep]
+                per_example, counts = per_example_loss(logits, targets)
+                losses[positions] = per_example.float().cpu()
+                num_tokens[positions] = counts.cpu()
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+        if bar is not None:
+            bar.close()
+    return losses, num_tokens
+
+
 def gradient_features(
     model: nn.Module, dataset: Any, config: SpiceConfig, data_collator: Collator | None = None
 ) -> torch.Tensor:
@@ -627,9 +688,9 @@ def _adam_denominators(
     return denoms
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, desc: str = "spice: gradient features") -> Any:
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="spice: gradient features", unit="batch", leave=False)
+    return tqdm(total=total, desc=desc, unit="batch", leave=False)

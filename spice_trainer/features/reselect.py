@@ -126,8 +126,7 @@ def shortlist(
     size = min(n, max(math.ceil(config.reselect_shortlist * n), config.budget_count(n)))
     chosen: dict[int, None] = dict.fromkeys(int(r) for r in (initial or []))
     chosen.update(dict.fromkeys(cache.selected))
-    finite = torch.isfinite(cache.sqnorms)
-    scores = torch.where(eligible & finite, cache.sqnorms, torch.full_like(cache.sqnorms, -1.0))
+    scores = torch.where(eligible & torch.isfinite(cache.sqnorms), cache.sqnorms, torch.full_like(cache.sqnorms, -1.0))
     # Stable order: largest norm first, the lower row index first among equals.
     order = torch.sort(scores, descending=True, stable=True).indices
     for row in order.tolist():
@@ -139,7 +138,7 @@ def shortlist(
         # the unsolved rows just above the guard's cap, the ones whose fresh loss may bring them under it.
         assert cache.losses is not None and cache.num_tokens is not None
         losses = cache.losses.double()
-        unsolved = finite & ~eligible & torch.isfinite(losses) & (cache.num_tokens > 0)
+        unsolved = ~eligible & torch.isfinite(losses) & (cache.num_tokens > 0)  # a norm is not needed here
         if config.min_loss is not None:
             unsolved &= losses > config.min_loss
         rest = torch.where(unsolved, losses, torch.full_like(losses, float("inf")))

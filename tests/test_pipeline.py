@@ -1,0 +1,54 @@
+"""pipeline.select's single-process path: with a loss guard, losses first and gradients only of eligible rows."""
+
+import pytest
+import torch
+import trainer_world as tw
+
+from spice_trainer import SpiceConfig, select
+from spice_trainer.core.greedy import select_from_features
+from spice_trainer.features.gradients import compute_gradient_features
+from spice_trainer.pipeline import eligible_rows
+
+
+def _rows():
+    data = tw.rows(40)
+    data[5]["labels"] = [-100] * len(data[5]["labels"])  # no target: NaN features, reported as skipped
+    return data
+
+
+@pytest.mark.parametrize(
+    "guards",
+    [
+        {},  # the defaults: min_loss 0.1 and the 30 % loss quantile
+        {"min_loss": 4.2, "max_loss_quantile": None},  # a floor alone, inside this model's losses (4.13-4.28)
+        {"min_loss": None, "max_loss_quantile": 0.5},
+    ],
+)
+@pytest.mark.parametrize("grow", [False, True])
+def test_losses_first_selects_exactly_what_a_full_gradient_pass_selects(guards, grow):
+    model, data = tw.model(), _rows()
+    config = SpiceConfig(budget=6, proj_dim=24, batch_size=4, **guards)
+    # Independent reference: every row's gradient features, the eligibility rule, then the greedy.
+    full = compute_gradient_features(model, data, config, show_progress=False)
+    eligible = eligible_rows(full, config)
+    assert 6 <= int(eligible.sum()) < 39  # the guard really leaves rows out
+    # grow: one eligible and one ineligible initial row (its features are needed although it is not eligible).
+    ineligible = [int(i) for i in (~eligible).nonzero().flatten() if int(i) != 5]  # row 5 has no features
+    initial = [int(eligible.nonzero()[0]), ineligible[0]] if grow else None
+    ref = select_from_features(full.features, config, eligible=eligible, initial=initial)
+    got = select(model, data, config, show_progress=False, initial=initial)
+    assert got.indices == ref.indices and got.initial == ref.initial
+    assert got.skipped == ref.skipped == [5]
+    assert got.gains == pytest.approx(ref.gains, rel=1e-5)
+    assert got.conflicts == pytest.approx(ref.conflicts, rel=1e-4, abs=1e-7)
+    assert got.metadata["loss_guard_excluded"] == int((~eligible).sum()) - 1  # row 5 counts as non-finite
+
+
+def test_without_a_guard_every_row_is_measured():
+    model, data = tw.model(), _rows()
+    config = SpiceConfig(budget=6, proj_dim=24, batch_size=4, min_loss=None, max_loss_quantile=None)
+    full = compute_gradient_features(model, data, config, show_progress=False)
+    ref = select_from_features(full.features, config, eligible=eligible_rows(full, config))
+    got = select(model, data, config, show_progress=False)
+    assert got.indices == ref.indices and got.gains == pytest.approx(ref.gains, rel=1e-6)
+    assert torch.isfinite(full.features).sum() > 0
