@@ -6,19 +6,22 @@ Sections (``--sections``, default all):
 - ``cost``: for short (≈16 tokens), medium (≈128) and long (≈512) rows, one epoch of a real
   ``transformers.Trainer`` (same model, rows, collator, batch size and LoRA; AdamW; the epoch's own time,
   from ``on_epoch_begin`` to ``on_epoch_end``) against one live selection round (`spice_trainer.select`:
-  the gradient pass and the greedy) with each ``--projections`` family, and against a proxy round
-  (`ProxyModel.select` with a model of half the width). Target: a live round ≤ 1.0 epoch.
+  the gradient pass and the greedy) with each ``--projections`` family, with the default loss guard (a
+  forward pass over the pool, gradients of the eligible rows) and with no guard (every row through the
+  gradient pass), and against a proxy round (`ProxyModel.select` with a model of half the width). Target: a
+  live round ≤ 1.0 epoch.
 - ``profile``: where the gradient pass's time goes on short rows: the pass with its projection switched off,
   with the per-example products switched off too, row sorting, fetching and collation, a forward pass alone.
 - ``threads``: the gradient pass with 1 thread, with every core, and with the default policy
   (``SpiceConfig.threads=None``, `spice_trainer.core.threads`), interleaved.
-- ``agreement``: on the synthetic instruction world (a pretrained tiny Llama, a curated pool), the selection
+- ``agreement``: on the synthetic instruction world (a pretrained tiny Llama, a noisy pool), the selection
   with the Kronecker projection against the default dense Rademacher one: overlap of the picks and the
   ratio of their log-det utilities in a high-dimensional reference projection (``d = 4096``); the same
-  figures for the dense projection with another seed, the yardstick (what re-drawing ``P`` alone changes).
+  figures for the dense projection with another seed, the yardstick (what re-drawing ``P`` alone changes);
+  with the default loss guard and with none.
 - ``reselect``: the world's pool, an adapter trained on the first round's picks, then a full reselection
   round against the cheap one (``SpiceConfig.reselect_shortlist``): seconds as epochs, overlap, and the
-  objective ratio on fresh features.
+  objective ratio on fresh features; with the default loss guard and with none.
 
 The model is a randomly initialised Llama (hidden ``--hidden``, 2 layers, intermediate 4× hidden, a
 48-token vocabulary: the issue's "tiny Llama") with LoRA r = 8 on every linear layer; rows are random tokens,
@@ -165,7 +168,7 @@ def section_cost(args: argparse.Namespace) -> None:
         f"all-linear, batch {BATCH}, proj_dim 256, budget 10 %, {torch.get_num_threads()} thread(s)\n"
     )
     header = (
-        f"{'rows':<8} {'n x tokens':>12} {'what':<24} {'features s':>10} {'greedy s':>9} {'total s':>8} "
+        f"{'rows':<8} {'n x tokens':>12} {'what':<30} {'features s':>10} {'greedy s':>9} {'total s':>8} "
         f"{'cpu s':>7} {'epochs (wall)':>13} {'epochs (cpu)':>12}"
     )
     tok = tokenizer()
@@ -180,15 +183,21 @@ def section_cost(args: argparse.Namespace) -> None:
         config = SpiceConfig(batch_size=BATCH, threads=torch.get_num_threads())
         proxy = ProxyModel(proxy_base, config, target=model, tokenizer=tok, proxy_tokenizer=tok)
         epochs: list[tuple[float, float]] = []
-        live: dict[str, list[tuple[float, float, float, float]]] = {p: [] for p in args.projections}
+        # Each projection with the default loss guard (losses first, gradients of the eligible rows only) and
+        # without any guard (every row through the gradient pass: the full "one pass over the pool").
+        variants = {
+            f"live, {p}{suffix}": config.with_changes(projection=p, **guards)
+            for suffix, guards in (("", {}), (", no guard", {"min_loss": None, "max_loss_quantile": None}))
+            for p in args.projections
+        }
+        live: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label in variants}
         proxied: list[tuple[float, float, float, float]] = []
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(args.repeats):
                 epochs.append(trainer_epoch(model, dataset, data_collator, tmp))
-                for projection in args.projections:
-                    cfg = config.with_changes(projection=projection)
+                for label, cfg in variants.items():
                     sel, wall, cpu = timed(partial(select, model, dataset, cfg, data_collator, show_progress=False))
-                    live[projection].append((sel.metadata["feature_seconds"], wall, cpu, 0.0))
+                    live[label].append((sel.metadata["feature_seconds"], wall, cpu, 0.0))
                 cfg = config.with_changes(projection=args.projections[0])
                 sel, wall, cpu = timed(partial(proxy.select, dataset, cfg, data_collator))
                 proxied.append((sel.metadata["feature_seconds"], wall, cpu, 0.0))
@@ -196,13 +205,13 @@ def section_cost(args: argparse.Namespace) -> None:
         epoch_cpu = min(e[1] for e in epochs)
         print(header if name == args.lengths[0] else "", end="\n" if name == args.lengths[0] else "")
         tokens = f"{rows} x {spec['tokens']}"
-        print(f"{name:<8} {tokens:>12} {'Trainer epoch':<24} {'':>10} {'':>9} {epoch_wall:>8.2f} {epoch_cpu:>7.2f}")
-        runs = [(f"live, {p}", live[p]) for p in args.projections] + [(f"proxy, {args.projections[0]}", proxied)]
+        print(f"{name:<8} {tokens:>12} {'Trainer epoch':<30} {'':>10} {'':>9} {epoch_wall:>8.2f} {epoch_cpu:>7.2f}")
+        runs = [*live.items(), (f"proxy, {args.projections[0]}", proxied)]
         for label, measured in runs:
             best = min(measured, key=lambda r: r[2])  # the run with the least CPU time
             features, wall, cpu = best[0], best[1], best[2]
             print(
-                f"{'':<8} {'':>12} {label:<24} {features:>10.2f} {wall - features:>9.2f} {wall:>8.2f} {cpu:>7.2f} "
+                f"{'':<8} {'':>12} {label:<30} {features:>10.2f} {wall - features:>9.2f} {wall:>8.2f} {cpu:>7.2f} "
                 f"{wall / epoch_wall:>13.2f} {cpu / epoch_cpu:>12.2f}"
             )
         print(f"{'':<8} (load average {load():.1f})")
@@ -319,13 +328,23 @@ def log_det(features: torch.Tensor, rows: list[int], alpha: float = 1.0) -> floa
     return float(torch.logdet(torch.eye(g.shape[1], dtype=torch.float64) + alpha * g.T @ g))
 
 
+GUARDS = {
+    "default guards": {},
+    "no guard": {"min_loss": None, "max_loss_quantile": None},
+}
+
+
 def world_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
-    """The instruction world: tokenizer, a LoRA model on the pretrained base, the pool rows (tokenised)."""
+    """The instruction world: tokenizer, a LoRA model on the pretrained base, the pool rows (tokenised).
+
+    The ``noisy`` scenario: with the default loss guard more rows are eligible than the budget (in the curated
+    one the guard leaves exactly the budget, so every method picks the same rows and agreement says nothing).
+    """
     from spice_trainer.demo.world import build_world, candidate_pool, tokenize_rows
 
     tok, base = build_world(seed=0, pretrain_rows=1500 if args.quick else 3000)
     model = add_lora(base, r=LORA_R, seed=0)
-    pool = candidate_pool(1000 if args.quick else 2000, scenario="curated", seed=0)
+    pool = candidate_pool(1000 if args.quick else 2000, scenario="noisy", seed=0)
     rows = tokenize_rows(tok, pool.rows)
     return tok, model, pool, rows
 
@@ -336,89 +355,85 @@ def section_agreement(args: argparse.Namespace) -> None:
 
     print("## agreement: the Kronecker projection against the dense default, on the instruction world\n")
     _, model, _, rows = world_setup(args)
-    base = SpiceConfig(batch_size=BATCH)
-    variants = {
-        "rademacher (default)": base,
-        "rademacher, seed 43": base.with_changes(seed=43),
-        "kronecker": base.with_changes(projection="kronecker"),
-        "kronecker, seed 43": base.with_changes(projection="kronecker", seed=43),
-    }
-    selections = {}
-    seconds = {}
-    for label, cfg in variants.items():
-        sel = select(model, rows, cfg, show_progress=False)
-        selections[label] = sel
-        seconds[label] = sel.metadata["feature_seconds"]
-    union = sorted({i for s in selections.values() for i in s.indices})
-    reference = compute_gradient_features(
-        model, rows, base.with_changes(proj_dim=4096, seed=7), indices=union, show_progress=False
-    ).features
-    ref = torch.full((len(rows), 4096), float("nan"))
-    ref[union] = reference
-    picks = selections["rademacher (default)"].indices
-    k = len(picks)
-    u_default = log_det(ref, picks)
-    print(f"pool {len(rows)} rows, {k} picks; log det in a d = 4096 reference projection (seed 7)\n")
-    print(f"{'projection':<24} {'overlap with default':>20} {'utility ratio':>14} {'features s':>10}")
-    for label, sel in selections.items():
-        overlap = len(set(sel.indices) & set(picks)) / max(1, k)
-        ratio = log_det(ref, sel.indices) / u_default
-        print(f"{label:<24} {overlap:>20.3f} {ratio:>14.4f} {seconds[label]:>10.2f}")
-    print()
+    for guard, guards in GUARDS.items():
+        base = SpiceConfig(batch_size=BATCH, **guards)
+        variants = {
+            "rademacher (default)": base,
+            "rademacher, seed 43": base.with_changes(seed=43),
+            "kronecker": base.with_changes(projection="kronecker"),
+            "kronecker, seed 43": base.with_changes(projection="kronecker", seed=43),
+        }
+        selections = {label: select(model, rows, cfg, show_progress=False) for label, cfg in variants.items()}
+        union = sorted({i for s in selections.values() for i in s.indices})
+        reference = compute_gradient_features(
+            model, rows, base.with_changes(proj_dim=4096, seed=7), indices=union, show_progress=False
+        ).features
+        ref = torch.full((len(rows), 4096), float("nan"))
+        ref[union] = reference
+        picks = selections["rademacher (default)"].indices
+        k = len(picks)
+        u_default = log_det(ref, picks)
+        eligible = len(rows) - selections["rademacher (default)"].metadata.get("loss_guard_excluded", 0)
+        print(f"{guard}: pool {len(rows)} rows (about {eligible} eligible), {k} picks; log det in a d = 4096 ")
+        print("reference projection (seed 7); the seed-43 rows show what re-drawing the projection alone changes\n")
+        print(f"{'projection':<24} {'overlap with default':>20} {'utility ratio':>14} {'features s':>10}")
+        for label, sel in selections.items():
+            overlap = len(set(sel.indices) & set(picks)) / max(1, k)
+            ratio = log_det(ref, sel.indices) / u_default
+            print(f"{label:<24} {overlap:>20.3f} {ratio:>14.4f} {sel.metadata['feature_seconds']:>10.2f}")
+        print()
 
 
 def section_reselect(args: argparse.Namespace) -> None:
     from spice_trainer import select
+    from spice_trainer.features.gradients import compute_gradient_features
     from spice_trainer.features.reselect import FeatureCache
 
     print("## reselect: a cheap reselection round against a full one, after training on the first picks\n")
-    tok, model, _, rows = world_setup(args)
+    tok, world_model, _, rows = world_setup(args)
     data_collator = collator(tok)
     dataset = _with_labels(rows)
     shortlist = args.shortlist
-    config = SpiceConfig(batch_size=BATCH, threads=torch.get_num_threads())
-    cheap = config.with_changes(reselect_shortlist=shortlist)
-    cache = FeatureCache()
-    first = select(model, dataset, cheap, data_collator, show_progress=False, feature_cache=cache)
-    with tempfile.TemporaryDirectory() as tmp:
-        _, epoch_wall, epoch_cpu = _train_steps(model, dataset, first.indices, data_collator, tmp, args.train_epochs)
-        epoch_wall, epoch_cpu = trainer_epoch(model, dataset, data_collator, tmp)
-    full_runs, cheap_runs = [], []
-    for _ in range(args.repeats):
-        full_runs.append(timed(lambda: select(model, dataset, config, data_collator, show_progress=False)))
-        probe = copy.deepcopy(cache)
-        cheap_runs.append(
-            timed(
-                lambda probe=probe: select(
-                    model, dataset, cheap, data_collator, show_progress=False, feature_cache=probe
-                )
+    for guard, guards in GUARDS.items():
+        model = copy.deepcopy(world_model)
+        config = SpiceConfig(batch_size=BATCH, threads=torch.get_num_threads(), **guards)
+        cheap = config.with_changes(reselect_shortlist=shortlist)
+        cache = FeatureCache()
+        first = select(model, dataset, cheap, data_collator, show_progress=False, feature_cache=cache)
+        with tempfile.TemporaryDirectory() as tmp:
+            _train_steps(model, dataset, first.indices, data_collator, tmp, args.train_epochs)
+            epoch_wall, epoch_cpu = trainer_epoch(model, dataset, data_collator, tmp)
+        full_runs, cheap_runs = [], []
+        for _ in range(args.repeats):
+            full_runs.append(timed(partial(select, model, dataset, config, data_collator, show_progress=False)))
+            probe = copy.deepcopy(cache)  # every cheap run starts from the memory of round 0
+            cheap_runs.append(
+                timed(partial(select, model, dataset, cheap, data_collator, show_progress=False, feature_cache=probe))
             )
+        full, full_wall, full_cpu = min(full_runs, key=lambda r: r[2])
+        fast, fast_wall, fast_cpu = min(cheap_runs, key=lambda r: r[2])
+        fresh = compute_gradient_features(model, dataset, config, data_collator, show_progress=False).features
+        k = len(full.indices)
+        overlap = len(set(full.indices) & set(fast.indices)) / max(1, k)
+        ratio = log_det(fresh, fast.indices) / log_det(fresh, full.indices)
+        stale_overlap = len(set(first.indices) & set(full.indices)) / max(1, k)
+        stale_ratio = log_det(fresh, first.indices) / log_det(fresh, full.indices)
+        print(
+            f"{guard}: pool {len(rows)} rows, budget {k}; adapter trained {args.train_epochs:g} epoch(s) on the "
+            f"first {len(first.indices)} picks; Trainer epoch on the pool {epoch_wall:.2f} s wall, "
+            f"{epoch_cpu:.2f} s CPU\n"
         )
-    full, full_wall, full_cpu = min(full_runs, key=lambda r: r[2])
-    fast, fast_wall, fast_cpu = min(cheap_runs, key=lambda r: r[2])
-    from spice_trainer.features.gradients import compute_gradient_features
-
-    fresh = compute_gradient_features(model, dataset, config, data_collator, show_progress=False).features
-    k = len(full.indices)
-    overlap = len(set(full.indices) & set(fast.indices)) / max(1, k)
-    ratio = log_det(fresh, fast.indices) / log_det(fresh, full.indices)
-    stale_overlap = len(set(first.indices) & set(full.indices)) / max(1, k)
-    stale_ratio = log_det(fresh, first.indices) / log_det(fresh, full.indices)
-    print(f"pool {len(rows)} rows, budget {k}; adapter trained {args.train_epochs} epoch(s) on the first {k} picks")
-    print(f"Trainer epoch on the pool: {epoch_wall:.2f} s wall, {epoch_cpu:.2f} s CPU\n")
-    print(f"{'round':<34} {'seconds':>8} {'cpu s':>7} {'epochs (wall)':>13} {'epochs (cpu)':>12}")
-    print(
-        f"{'full':<34} {full_wall:>8.2f} {full_cpu:>7.2f} {full_wall / epoch_wall:>13.2f} {full_cpu / epoch_cpu:>12.2f}"
-    )
-    label = f"shortlist {shortlist:g} ({fast.metadata.get('reselect', {}).get('measured', '?')} rows measured)"
-    print(
-        f"{label:<34} {fast_wall:>8.2f} {fast_cpu:>7.2f} {fast_wall / epoch_wall:>13.2f} {fast_cpu / epoch_cpu:>12.2f}"
-    )
-    print(
-        f"\nagreement with the full round: overlap {overlap:.3f}, objective ratio (log det on fresh features) "
-        f"{ratio:.4f}\nwithout reselection (the first round's picks kept): overlap {stale_overlap:.3f}, "
-        f"objective ratio {stale_ratio:.4f}\n"
-    )
+        print(f"{'round':<34} {'seconds':>8} {'cpu s':>7} {'epochs (wall)':>13} {'epochs (cpu)':>12}")
+        for label, wall, cpu in (
+            ("full", full_wall, full_cpu),
+            (f"shortlist {shortlist:g} ({fast.metadata['reselect']['shortlist']} rows)", fast_wall, fast_cpu),
+        ):
+            print(f"{label:<34} {wall:>8.2f} {cpu:>7.2f} {wall / epoch_wall:>13.2f} {cpu / epoch_cpu:>12.2f}")
+        print(
+            f"\nagreement with the full round: overlap {overlap:.3f}, objective ratio (log det on fresh features) "
+            f"{ratio:.4f}\nwithout reselection (the first round's picks kept): overlap {stale_overlap:.3f}, "
+            f"objective ratio {stale_ratio:.4f}\n"
+        )
 
 
 def _with_labels(rows: list[dict[str, list[int]]]) -> Any:
@@ -433,11 +448,9 @@ def _with_labels(rows: list[dict[str, list[int]]]) -> Any:
     return Dataset.from_dict(data)
 
 
-def _train_steps(
-    model: Any, dataset: Any, picks: list[int], data_collator: Any, out_dir: str, epochs: float
-) -> tuple[None, float, float]:
+def _train_steps(model: Any, dataset: Any, picks: list[int], data_collator: Any, out_dir: str, epochs: float) -> None:
     """Train ``model`` itself (not a copy) on ``picks`` for ``epochs``, as the trainer would after round 0."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
     args = TrainingArguments(
         output_dir=out_dir,
@@ -451,13 +464,10 @@ def _train_steps(
         disable_tqdm=True,
         seed=0,
     )
-    _, wall, cpu = timed(
-        lambda: Trainer(
-            model=model, args=args, train_dataset=dataset.select(picks), data_collator=data_collator
-        ).train()
-    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset.select(picks), data_collator=data_collator)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
     model.eval()
-    return None, wall, cpu
 
 
 def main() -> None:
