@@ -135,7 +135,7 @@ def select(
         )
     start = time.perf_counter()
     measured: torch.Tensor | None = None  # rows whose features were computed (None: every row)
-    if config.min_loss is not None or config.max_loss_quantile is not None:
+    if _losses_first_pays(config, n):
         grads, measured = _guarded_features(model, dataset, config, data_collator, initial, optimizer, show_progress)
     else:
         grads = compute_gradient_features(
@@ -164,12 +164,26 @@ def select(
             selection, grads.losses, grads.num_tokens, eligible, non_finite, no_tokens, feature_seconds, start, config
         )
     )
+    selection.metadata["gradient_rows"] = n if measured is None else int(measured.sum())
     if feature_cache is not None:
         sqnorms = _sqnorms(grads.features)
         if measured is not None:
             sqnorms[~measured] = float("nan")  # not measured: no remembered gradient
         feature_cache.record(None, sqnorms, grads.losses, grads.num_tokens, selection.selected, config, n)
     return selection
+
+
+def _losses_first_pays(config: SpiceConfig, n: int) -> bool:
+    """Whether `_guarded_features` costs less than a gradient pass over the pool.
+
+    A forward pass costs about a third of a forward and backward, so measuring losses first pays when at most
+    about two thirds of the pool can be eligible: the loss-quantile guard bounds that share by
+    ``max(max_loss_quantile, budget share)`` (the guard never leaves fewer rows than the budget); ``min_loss``
+    alone bounds nothing before the losses are known.
+    """
+    if config.max_loss_quantile is None:
+        return False
+    return max(config.max_loss_quantile, config.budget_count(n) / n) <= 2 / 3
 
 
 def _guarded_features(
@@ -291,6 +305,7 @@ def _select_shortlist(
     selection.metadata.update(
         _round_metadata(selection, losses, num_tokens, eligible, non_finite, no_tokens, feature_seconds, start, config)
     )
+    selection.metadata["gradient_rows"] = len(rows)
     selection.metadata["reselect"] = {
         "shortlist": len(rows),
         "pool": n,
@@ -466,6 +481,7 @@ def _select_sharded(
             },
         }
     )
+    selection.metadata["gradient_rows"] = n
     if store_meta is not None:
         selection.metadata["feature_store"] = store_meta
     if feature_cache is not None:

@@ -20,7 +20,7 @@ def _rows():
     "guards",
     [
         {},  # the defaults: min_loss 0.1 and the 30 % loss quantile
-        {"min_loss": 4.2, "max_loss_quantile": None},  # a floor alone, inside this model's losses (4.13-4.28)
+        {"min_loss": 4.2, "max_loss_quantile": 0.6},  # a floor inside this model's losses (4.13-4.28) too
         {"min_loss": None, "max_loss_quantile": 0.5},
     ],
 )
@@ -42,6 +42,24 @@ def test_losses_first_selects_exactly_what_a_full_gradient_pass_selects(guards, 
     assert got.gains == pytest.approx(ref.gains, rel=1e-5)
     assert got.conflicts == pytest.approx(ref.conflicts, rel=1e-4, abs=1e-7)
     assert got.metadata["loss_guard_excluded"] == int((~eligible).sum()) - 1  # row 5 counts as non-finite
+    assert got.metadata["gradient_rows"] == len(set(eligible.nonzero().flatten().tolist()) | set(initial or []))
+
+
+@pytest.mark.parametrize(
+    "settings,losses_first",
+    [
+        ({}, True),  # the defaults: at most 30 % of the pool is eligible
+        ({"max_loss_quantile": None}, False),  # min_loss alone bounds nothing before the losses are known
+        ({"max_loss_quantile": 0.9}, False),  # a forward over the pool would cost more than it saves
+        ({"budget": 30}, False),  # the guard keeps at least the budget: 75 % of the pool
+    ],
+)
+def test_losses_first_only_where_it_pays(settings, losses_first):
+    model, data = tw.model(), _rows()
+    config = SpiceConfig(**{"budget": 6, "proj_dim": 8, "batch_size": 8, **settings})
+    got = select(model, data, config, show_progress=False)
+    measured = got.metadata["gradient_rows"]
+    assert (measured < 40) == losses_first, measured
 
 
 def test_without_a_guard_every_row_is_measured():

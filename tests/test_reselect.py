@@ -9,8 +9,9 @@ from transformers import Trainer
 
 from spice_trainer import SpiceConfig, SpiceDataCallback, select
 from spice_trainer.core.greedy import select_from_features
-from spice_trainer.features.gradients import compute_gradient_features
+from spice_trainer.features.gradients import GradientFeatures, compute_gradient_features
 from spice_trainer.features.reselect import FeatureCache, shortlist
+from spice_trainer.pipeline import eligible_rows
 
 # Every row eligible: the shortlist is then decided by the remembered norms alone.
 OPEN = {"min_loss": None, "max_loss_quantile": None, "proj_dim": 24, "batch_size": 4}
@@ -104,7 +105,8 @@ def test_shortlist_round_is_the_greedy_on_fresh_features_of_the_shortlist(mode):
 
     # Independent reference: fresh features of every row, the pipeline's eligibility rule on losses that are fresh
     # on the shortlist and remembered elsewhere, the greedy restricted to the shortlist.
-    from spice_trainer.pipeline import _eligible
+    def _eligible(losses, tokens, config):
+        return eligible_rows(GradientFeatures(torch.zeros(len(losses), 1), losses, tokens), config)
 
     rows = shortlist(before, config, _eligible(stale_losses, stale_tokens, config), initial)
     assert len(rows) == 13  # ceil(0.4 * 32)
