@@ -396,7 +396,9 @@ def section_reselect(args: argparse.Namespace) -> None:
     shortlist = args.shortlist
     for guard, guards in GUARDS.items():
         model = copy.deepcopy(world_model)
-        config = SpiceConfig(batch_size=BATCH, threads=torch.get_num_threads(), **guards)
+        config = SpiceConfig(
+            batch_size=BATCH, threads=torch.get_num_threads(), projection=args.reselect_projection, **guards
+        )
         cheap = config.with_changes(reselect_shortlist=shortlist)
         cache = FeatureCache()
         first = select(model, dataset, cheap, data_collator, show_progress=False, feature_cache=cache)
@@ -419,8 +421,8 @@ def section_reselect(args: argparse.Namespace) -> None:
         stale_overlap = len(set(first.indices) & set(full.indices)) / max(1, k)
         stale_ratio = log_det(fresh, first.indices) / log_det(fresh, full.indices)
         print(
-            f"{guard}: pool {len(rows)} rows, budget {k}; adapter trained {args.train_epochs:g} epoch(s) on the "
-            f"first {len(first.indices)} picks; Trainer epoch on the pool {epoch_wall:.2f} s wall, "
+            f"{guard}, {args.reselect_projection}: pool {len(rows)} rows, budget {k}; adapter trained "
+            f"{args.train_epochs:g} epoch(s) on the first {len(first.indices)} picks; Trainer epoch on the pool {epoch_wall:.2f} s wall, "
             f"{epoch_cpu:.2f} s CPU\n"
         )
         print(f"{'round':<34} {'seconds':>8} {'cpu s':>7} {'epochs (wall)':>13} {'epochs (cpu)':>12}")
@@ -481,6 +483,7 @@ def main() -> None:
     parser.add_argument("--sections", default="cost,profile,threads,agreement,reselect")
     parser.add_argument("--shortlist", type=float, default=0.25, help="reselect_shortlist of the cheap round")
     parser.add_argument("--train-epochs", type=float, default=2.0, help="training on the picks before reselecting")
+    parser.add_argument("--reselect-projection", default="rademacher", help="projection of the reselect section")
     args = parser.parse_args()
     args.lengths = [x for x in args.lengths.split(",") if x]
     args.projections = [x for x in args.projections.split(",") if x]
