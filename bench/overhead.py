@@ -422,8 +422,8 @@ def section_reselect(args: argparse.Namespace) -> None:
         stale_ratio = log_det(fresh, first.indices) / log_det(fresh, full.indices)
         print(
             f"{guard}, {args.reselect_projection}: pool {len(rows)} rows, budget {k}; adapter trained "
-            f"{args.train_epochs:g} epoch(s) on the first {len(first.indices)} picks; Trainer epoch on the pool {epoch_wall:.2f} s wall, "
-            f"{epoch_cpu:.2f} s CPU\n"
+            f"{args.train_epochs:g} epoch(s) on the first {len(first.indices)} picks; Trainer epoch on the pool "
+            f"{epoch_wall:.2f} s wall, {epoch_cpu:.2f} s CPU\n"
         )
         print(f"{'round':<34} {'seconds':>8} {'cpu s':>7} {'epochs (wall)':>13} {'epochs (cpu)':>12}")
         for label, wall, cpu in (
