@@ -1,12 +1,15 @@
 """`select`: gradient features, candidate guards, then the SPICE greedy, in one call.
 
 In a single process without a feature store this is the plain path: one gradient pass over the whole
-dataset, then `select_from_features`. Under ``torch.distributed`` with more than one process (torchrun,
-accelerate, DeepSpeed, FSDP), and whenever ``config.feature_store`` is set, the sharded path runs
-instead (`spice_trainer.distributed.comm`): each rank computes its own rows (read back from the store where
-a chunk is already complete), losses are gathered so that every rank applies the same guards, and the
-greedy runs either on the gathered features or distributed over the shards. Every rank returns the same
-`Selection`.
+dataset, then `select_from_features`; with the loss-quantile guard on, losses come first from a forward pass
+and gradients only of the rows the guards admit (`_guarded_features`: the same selection for less work).
+Under ``torch.distributed`` with more than one process (torchrun, accelerate, DeepSpeed, FSDP2), and whenever
+``config.feature_store`` is set, the sharded path runs instead (`spice_trainer.distributed.comm`): each rank
+computes its own rows (read back from the store where a chunk is already complete; in lockstep when the
+model itself is sharded), losses are gathered so that every rank applies the same guards, and the greedy
+runs either on the gathered features or distributed over the shards. With ``config.reselect_shortlist`` and
+a run's `FeatureCache`, rounds after the first measure a shortlist only (`_select_shortlist`). Every rank
+returns the same `Selection`.
 """
 
 from __future__ import annotations
