@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.spice-installed
 
-.PHONY: setup demo test lint typecheck pytest bench
+.PHONY: setup demo test test-fast lint typecheck pytest bench
 
 setup: $(STAMP)
 
@@ -32,3 +32,9 @@ pytest: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test: lint typecheck pytest
+
+# The fast lane for development: every test but the multi-process and end-to-end ones (`@pytest.mark.slow`),
+# one torch thread. CI (`make test`, .ci/run) still runs everything.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -m fast; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc

@@ -1,8 +1,27 @@
 """spice-trainer: SPICE data selection for instruction tuning on Hugging Face infrastructure.
 
-The core (`config`, `core/`, `features/`) needs only torch (and numpy).
-`SpiceDataCallback` and `SpiceSampler` live in `spice_trainer.integrations` and import transformers
-on first use, so ``import spice_trainer`` stays light.
+The package is built in floors; a module imports only from its own floor or lower ones, never a private
+name of another module (checked by ``tests/test_layout.py``; see ``docs/architecture.md``):
+
+=====  =====================  ===================================================================
+floor  modules                holds
+=====  =====================  ===================================================================
+0      ``config``             `SpiceConfig`
+1      ``core/``              objective, the greedy loop, stopping, `Selection`, projection,
+                              baselines, the selection thread policy
+2      ``features/``          rows and collation, gradient features, the feature store, the
+                              cheap-reselection memory
+3      ``distributed/``       ranks and collectives, the sharded greedy
+4      ``pipeline``           `select`: features, guards, greedy
+5      ``proxy/``             `ProxyModel`, compatibility, agreement, the default LoRA
+6      ``integrations/``      `SpiceDataCallback`, `SpiceSampler`, checkpoint state, TRL, Hub
+                              loading, proxy rounds, reporting, `SpiceArguments`
+7      ``cli/``, ``demo/``    the ``spice-trainer`` command, the synthetic worlds and the demo
+=====  =====================  ===================================================================
+
+``config``, ``core/`` and ``features/`` need only torch (and numpy): no transformers, TRL, PEFT,
+accelerate or datasets at module level. The public names below resolve on first access, so
+``import spice_trainer`` stays light.
 """
 
 from __future__ import annotations

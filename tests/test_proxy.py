@@ -104,7 +104,7 @@ def test_online_regime_steps_the_proxy_every_T_pools_and_later_pools_use_the_upd
     # Refresh before pools 4 and 7: floor((8 - 1) / 3) = 2 AdamW steps, each on the 6 picks of 3 pools.
     assert selection.metadata["pools_visited"] == 8
     assert selection.metadata["refresh_steps"] == 2 and proxy.refresh_steps == 2
-    assert all(int(proxy.optimizer.state[p]["step"]) == 2 for p in proxy._params if p in proxy.optimizer.state)
+    assert all(int(proxy.optimizer.state[p]["step"]) == 2 for p in proxy.lora_weights if p in proxy.optimizer.state)
     picks = selection.indices
     assert len(picks) == 16 and len(set(picks)) == 16
     # Replay by hand: features of pools 1-3 from the initial proxy, a step on their picks, pools 4-6 from the
@@ -158,7 +158,7 @@ def test_refresh_is_one_adamw_step_on_the_mean_token_loss_of_the_adapter_only():
     # lora_B random (PEFT starts it at 0, where ∂L/∂A = 0) so that both A and B move.
     with torch.no_grad():
         gen = torch.Generator().manual_seed(5)
-        for p in proxy._params:
+        for p in proxy.lora_weights:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.05)
     reference = copy.deepcopy(proxy.model)
     before, target_before = _snapshot(proxy.model), _snapshot(target)

@@ -2,7 +2,7 @@
 
 The rows are loaded with `datasets.load_dataset` (a Hub dataset, a local file or a folder of files) or
 `datasets.load_from_disk`; the model is a local folder or a Hub id, a plain causal LM (a LoRA adapter is added
-and the command says which) or a PEFT adapter; then `spice_trainer.integrations.trl.select_as_sft_trainer`
+and the command says which) or a PEFT adapter; then `select_as_sft_trainer`
 runs `SpiceDataCallback`'s first round inside an untrained `SFTTrainer`, so the data is prepared by TRL
 exactly as in training. The chosen rows are written as a `datasets` dataset with their scores
 (`Selection.to_dataset`), and pushed to the Hub on request.
@@ -209,6 +209,61 @@ def _quiet() -> None:
     warnings.simplefilter("ignore", FutureWarning)
 
 
+def select_as_sft_trainer(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    config: Any,
+    *,
+    output_dir: str,
+    max_length: int | None = 1024,
+    show_progress: bool = True,
+) -> Any:
+    """Run SPICE's first round exactly as `SpiceDataCallback` runs it at the start of ``SFTTrainer.train()``.
+
+    The offline path (``spice-trainer select``) and the training path share everything from the rows on: an
+    `SFTTrainer` with default settings (and ``max_length``) tokenises the rows — ``text``, ``messages``,
+    ``prompt``/``completion`` (text or conversational) or already tokenised — with TRL's own
+    ``_prepare_dataset`` and collator, and the callback selects when the train dataloader is built, as in
+    training. Nothing is trained. So the same model, adapter, data, ``max_length`` and `SpiceConfig` pick the
+    same rows here and in a training run with default `SFTConfig` data settings.
+
+    Args:
+        model: a PEFT LoRA causal LM (`spice_trainer.proxy.adapter.with_lora_adapter` adds one).
+        tokenizer: its tokenizer (the chat template is used for conversational rows).
+        dataset: the rows as the user has them.
+        config: the `SpiceConfig`.
+        output_dir: the trainer's ``output_dir`` (round reports go to ``output_dir/spice/`` when
+            ``config.write_reports``).
+        max_length: `SFTConfig.max_length` (TRL's default 1024; ``None`` keeps rows whole).
+        show_progress: progress bars over the gradient pass and the greedy.
+
+    Returns:
+        The `SpiceDataCallback` after its round: ``.selection`` and ``.selected_rows`` (rows of ``dataset``).
+    """
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from spice_trainer.integrations.trainer import SpiceDataCallback
+
+    callback = SpiceDataCallback(config)
+    args = SFTConfig(
+        output_dir=output_dir,
+        max_length=max_length,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,  # selection measures gradients in the model's own dtype; bf16 only changes training steps
+        disable_tqdm=not show_progress,
+        log_level="warning",  # the command prints the round line itself
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback]
+    )
+    trainer.get_train_dataloader()  # the first round, as `train()` runs it before its first step
+    return callback
+
+
 # --------------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------------
@@ -226,7 +281,6 @@ def run_select(args: argparse.Namespace, config: SpiceConfig) -> int:
             "pip install 'spice-trainer[trl]'"
         ) from err
     from spice_trainer.integrations.reporting import round_line
-    from spice_trainer.integrations.trl import select_as_sft_trainer
 
     threads = torch.get_num_threads()
     if args.threads is not None:

@@ -166,7 +166,7 @@ class ProxyRounds:
         self.proxy.refresh_steps = int(state["refresh_steps"])
 
     def _adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        ids = {id(p) for p in self.proxy._params}
+        ids = {id(p) for p in self.proxy.lora_weights}
         return [(name, p) for name, p in self.proxy.model.named_parameters() if id(p) in ids]
 
     def _drawn_rows(self, sampler: _SamplerLike) -> list[int]:

@@ -1,7 +1,8 @@
 """TRL `SFTTrainer` specifics for `SpiceDataCallback`: which settings are refused, and row identity.
 
-The only module of the package that imports TRL. `spice_trainer.integrations.trainer` calls it only when the
-trainer is an `SFTTrainer` (`is_sft_trainer`), so a plain `transformers.Trainer` never needs TRL installed.
+The only library module below the command line and the demo that imports TRL. `spice_trainer.integrations.trainer`
+calls it only when the trainer is an `SFTTrainer` (`is_sft_trainer`), so a plain `transformers.Trainer` never needs
+TRL installed.
 
 Row identity. SPICE selects rows of the dataset the trainer trains on; users want them as rows of the dataset
 they passed. TRL 1.16's ``SFTTrainer._prepare_dataset`` turns one into the other by
@@ -77,57 +78,3 @@ def sft_source_rows(trainer: SFTTrainer, dataset: Any, rows: Sequence[int]) -> l
     # No filter ran; the only reordering is TRL's `dataset.shuffle(seed=args.seed)`: replay it on row ids.
     perm = datasets.Dataset.from_dict({"row": list(range(len(dataset)))}).shuffle(seed=args.seed)["row"]
     return [int(perm[r]) for r in rows]
-
-
-def select_as_sft_trainer(
-    model: Any,
-    tokenizer: Any,
-    dataset: datasets.Dataset,
-    config: Any,
-    *,
-    output_dir: str,
-    max_length: int | None = 1024,
-    show_progress: bool = True,
-) -> Any:
-    """Run SPICE's first round exactly as `SpiceDataCallback` runs it at the start of ``SFTTrainer.train()``.
-
-    The offline path (``spice-trainer select``) and the training path share everything from the rows on: an
-    `SFTTrainer` with default settings (and ``max_length``) tokenises the rows — ``text``, ``messages``,
-    ``prompt``/``completion`` (text or conversational) or already tokenised — with TRL's own
-    ``_prepare_dataset`` and collator, and the callback selects when the train dataloader is built, as in
-    training. Nothing is trained. So the same model, adapter, data, ``max_length`` and `SpiceConfig` pick the
-    same rows here and in a training run with default `SFTConfig` data settings.
-
-    Args:
-        model: a PEFT LoRA causal LM (`spice_trainer.proxy.adapter.with_lora_adapter` adds one).
-        tokenizer: its tokenizer (the chat template is used for conversational rows).
-        dataset: the rows as the user has them.
-        config: the `SpiceConfig`.
-        output_dir: the trainer's ``output_dir`` (round reports go to ``output_dir/spice/`` when
-            ``config.write_reports``).
-        max_length: `SFTConfig.max_length` (TRL's default 1024; ``None`` keeps rows whole).
-        show_progress: progress bars over the gradient pass and the greedy.
-
-    Returns:
-        The `SpiceDataCallback` after its round: ``.selection`` and ``.selected_rows`` (rows of ``dataset``).
-    """
-    import torch
-
-    from spice_trainer.integrations.trainer import SpiceDataCallback
-
-    callback = SpiceDataCallback(config)
-    args = SFTConfig(
-        output_dir=output_dir,
-        max_length=max_length,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,  # selection measures gradients in the model's own dtype; bf16 only changes training steps
-        disable_tqdm=not show_progress,
-        log_level="warning",  # the command prints the round line itself
-    )
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback]
-    )
-    trainer.get_train_dataloader()  # the first round, as `train()` runs it before its first step
-    return callback

@@ -114,7 +114,7 @@ def proxy_agreement(
     m = len(rows)
     k = max(1, m // 4) if picks is None else min(int(picks), m)
     probe_cfg = config.with_changes(budget=k, greedy="exact", stop_ratio=None, feature_store=None)
-    proxy_cfg = proxy._feature_config(probe_cfg)
+    proxy_cfg = proxy.feature_config(probe_cfg)
     target_cfg = probe_cfg
     if probe_cfg.feature_norm == "adam" and (target_optimizer is None or proxy_cfg.feature_norm != "adam"):
         proxy_cfg = target_cfg = probe_cfg.with_changes(feature_norm="unit")

@@ -166,7 +166,7 @@ class ProxyModel:
         return compute_gradient_features(
             self.model,
             dataset,
-            self._feature_config(config),
+            self.feature_config(config),
             data_collator,
             indices=indices,
             optimizer=self.optimizer if self._has_stepped() else None,
@@ -239,7 +239,7 @@ class ProxyModel:
         return select(
             self.model,
             dataset,
-            self._feature_config(config),
+            self.feature_config(config),
             data_collator,
             initial=initial,
             reference_gain=reference_gain,
@@ -288,7 +288,7 @@ class ProxyModel:
         budget = config.budget_count(n)
         init = check_initial(initial, n, ())
         to_pick = max(0, budget - len(init))
-        cfg = self._feature_config(config)
+        cfg = self.feature_config(config)
         if config.feature_store is not None:
             logger.info("spice: the online proxy regime recomputes features as the proxy changes; feature_store unused")
         objective = SpiceObjective(
@@ -387,7 +387,14 @@ class ProxyModel:
     def _has_stepped(self) -> bool:
         return any("exp_avg_sq" in self.optimizer.state.get(p, {}) for p in self._params)
 
-    def _feature_config(self, config: SpiceConfig) -> SpiceConfig:
+    @property
+    def lora_weights(self) -> list[torch.Tensor]:
+        """The adapter weights the refresh steps train (``lora_A``/``lora_B`` of every LoRA layer)."""
+        return list(self._params)
+
+    def feature_config(self, config: SpiceConfig) -> SpiceConfig:
+        """``config`` as the proxy's gradient pass uses it: ``feature_norm="adam"`` needs the second moments
+        of the proxy's own optimizer, so before its first refresh step the proxy measures with ``"unit"``."""
         if config.feature_norm == "adam" and not self._has_stepped():
             logger.info("spice: the proxy's adapter has not stepped yet; feature_norm='adam' falls back to 'unit'")
             return config.with_changes(feature_norm="unit")
