@@ -19,7 +19,7 @@ floor  modules                holds
 7      ``cli/``, ``demo/``    the ``spice-trainer`` command, the synthetic worlds and the demo
 =====  =====================  ===================================================================
 
-``config``, ``core/`` and ``features/`` need only torch (and numpy): no transformers, TRL, PEFT,
+``config``, ``core/`` and ``features/`` import torch, numpy and tqdm, and no transformers, TRL, PEFT,
 accelerate or datasets at module level. The public names below resolve on first access, so
 ``import spice_trainer`` stays light.
 """

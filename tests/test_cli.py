@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import datasets
@@ -13,7 +14,7 @@ from spice_trainer import SpiceConfig, SpiceDataCallback
 from spice_trainer.cli import main as cli
 from spice_trainer.core.selection import Selection
 from spice_trainer.demo import world
-from spice_trainer.demo.experiment import DEMO_QUICK
+from spice_trainer.demo.experiment import DEMO_BATCH_SIZE, DEMO_FULL, DEMO_QUICK, DemoSettings
 from spice_trainer.demo.toy import build_model, build_tokenizer
 from spice_trainer.proxy.adapter import DEFAULT_LORA
 
@@ -319,6 +320,17 @@ def test_report_renders_rounds(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "found no selection" in capsys.readouterr().err
 
 
+def test_the_quick_demo_does_less_of_every_costly_thing() -> None:
+    # What a demo run costs, in rows: pretraining passes, fine-tuning passes (spice and random train on
+    # a tenth of the pool each, full on all of it), and greedy decoding of the held-out set.
+    def rows(s: DemoSettings) -> tuple[float, float, float]:
+        return s.pretrain_rows, s.pool_size * s.epochs * 1.2, s.test_rows_per_task
+
+    quick, full = rows(DEMO_QUICK), rows(DEMO_FULL)
+    assert all(q <= f for q, f in zip(quick, full, strict=True)) and sum(quick) < sum(full)
+    assert quick[1] <= full[1] / 2 and quick[2] <= full[2] / 2  # half the fine-tuning and the evaluation
+
+
 @pytest.mark.slow
 def test_demo_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
@@ -331,7 +343,13 @@ def test_demo_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert by_method["full"]["rows"] == DEMO_QUICK.pool_size
     budget = SpiceConfig(budget=0.1).budget_count(DEMO_QUICK.pool_size)
     assert by_method["random"]["rows"] == budget
-    assert 1 <= by_method["spice"]["rows"] <= budget
+    # Exactly the budget: the default stop_ratio=None never stops early, and the guards left more eligible rows
+    # than the budget (the round's stop reason says the greedy ran out of budget, not of rows).
+    assert by_method["spice"]["rows"] == budget
+    assert Selection.load(out / "runs" / "spice" / "spice" / "round-0.json").stop_reason == "budget"
+    # The quick settings ran: the full pool's steps are those of the quick pool, fewer than the full demo's.
+    steps = {s: math.ceil(s.pool_size / DEMO_BATCH_SIZE) * s.epochs for s in (DEMO_QUICK, DEMO_FULL)}
+    assert by_method["full"]["steps"] == steps[DEMO_QUICK] < steps[DEMO_FULL]
     # The callback ran inside SFTTrainer and wrote its round; the demo reports the rows it trained on.
     round_file = out / "runs" / "spice" / "spice" / "round-0.json"
     assert by_method["spice"]["rows"] == len(Selection.load(round_file).selected)

@@ -50,8 +50,13 @@ def test_fixed_row_methods_train_on_their_rows(setup, method: str) -> None:  # t
     if method == "random-clean":
         assert all(pool.details[i] == "clean" for i in run.rows)
     if method == "small-loss":
-        # independent reference: the losses of the gradient pass, sorted in Python
-        losses = candidates._features["grads"].losses.tolist()
+        # Reference: the losses of the gradient pass (the public function, on the same fresh adapter and rows),
+        # sorted in Python.
+        from spice_trainer.features.gradients import compute_gradient_features
+
+        model = compare.fresh_adapter(base, SETTINGS, 1)
+        grads = compute_gradient_features(model, candidates.dataset, SpiceConfig(), candidates.collator)
+        losses = grads.losses.tolist()
         expected = sorted((v, i) for i, v in enumerate(losses) if v > compare.SMALL_LOSS_FLOOR)[:k]
         assert run.rows == [i for _, i in expected]
 

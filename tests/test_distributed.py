@@ -153,10 +153,24 @@ def test_choose_strategy_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
         sd.choose_strategy(1, 1)
 
 
-def test_bytes_per_pick_formulas() -> None:
+def test_bytes_per_pick_formulas(monkeypatch: pytest.MonkeyPatch) -> None:
     # 2 ranks: a 6-column float64 table row from each rank + one float64 vector of d entries.
     assert distributed_bytes_per_pick(256, 2) == 2 * 6 * 8 + 256 * 8
     assert sd.gather_bytes(1000, 256) == 1000 * 256 * 4
+    # The count is what the greedy sends: every table row it gathers in a run (one process) has that width.
+    import spice_trainer.distributed.greedy as dgreedy
+
+    widths: list[int] = []
+    gather = dgreedy.all_gather_table
+    monkeypatch.setattr(dgreedy, "all_gather_table", lambda row: widths.append(row.numel()) or gather(row))
+    feats = torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
+    distributed_greedy(feats, range(20), 20, SpiceConfig(budget=5, proj_dim=8))
+    assert widths and set(widths) == {6}
+    # ... and what the module docstring of comm says it sends.
+    import re
+
+    stated = re.search(r"``world · (\d+) · 8`` bytes", sd.__doc__ or "")
+    assert stated is not None and int(stated.group(1)) == 6
 
 
 def test_distributed_greedy_in_one_process_equals_single_process() -> None:

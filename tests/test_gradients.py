@@ -260,6 +260,19 @@ def test_several_active_adapters_need_an_explicit_choice():
         gradient_features(model, _rows(2), SpiceConfig())
     feats = compute_gradient_features(model, _rows(2), SpiceConfig(proj_dim=8), adapter_name="second").features
     assert feats.shape == (2, 8)
+    adapter, weights = find_lora_weights(model, "second")  # "second" adapts q_proj only
+    assert adapter == "second" and weights and all(".q_proj.lora_" in name for name, _ in weights)
+
+    # select() and the callback take no adapter name: the error says what works from there.
+    from spice_trainer.pipeline import select
+
+    config = SpiceConfig(budget=2, proj_dim=8)
+    with pytest.raises(ValueError, match=r"2 active LoRA adapters.*model\.set_adapter\(name\)"):
+        select(model, _rows(4), config, show_progress=False)
+    model.base_model.set_adapter("second")
+    assert len(select(model, _rows(4), config, show_progress=False).selected) == 2  # the budget
+    alone = compute_gradient_features(model, _rows(2), config, show_progress=False).features
+    assert torch.equal(alone, compute_gradient_features(model, _rows(2), config, adapter_name="second").features)
 
 
 def test_gradient_checkpointing_and_input_require_grads(llama_case):

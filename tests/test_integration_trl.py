@@ -85,7 +85,10 @@ def test_conversational_dataset(tmp_path):
     ]
     trainer, callback, recorder = _sft(tmp_path, Dataset.from_list(rows), SpiceConfig(budget=5, proj_dim=32))
     drawn = recorder.drawn_rows(trainer.train_dataset)
-    assert set(drawn) == set(callback.selected) and len(callback.selected) <= 5
+    # Exactly the budget: the rule cannot stop a run this short early, and no row of an untrained model is
+    # solved or capped away (the loss cap never leaves fewer eligible rows than the budget).
+    assert set(drawn) == set(callback.selected) and len(callback.selected) == 5
+    assert callback.selection is not None and callback.selection.stop_reason == "budget"
 
 
 def test_packing_is_refused_with_a_fix(tmp_path):

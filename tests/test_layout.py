@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -424,3 +425,30 @@ def test_the_process_finder_sees_fixtures_and_helpers() -> None:
         "def test_c(): pass\n"
     )
     assert _launching_functions(tree) == {"launch", "fixture", "test_a", "test_b"}
+
+
+# --- what module docstrings say about imports ----------------------------------------------------------
+
+THIRD_PARTY = {"torch", "numpy", "tqdm", "scipy", "matplotlib", "yaml", "huggingface_hub", "safetensors", *HEAVY}
+CLAIM = re.compile(r"[^.]*\b(?:only\b[^.]*\bimported|imports only\b|imports\b[^.]*\bonly\b)[^.]*", re.IGNORECASE)
+
+
+def _third_party_imports(module: str) -> set[str]:
+    roots = {imp.target.split(".")[0] for imp in IMPORTS[module]}
+    return {r for r in roots if r != "spice_trainer" and r not in sys.stdlib_module_names}
+
+
+def test_docstrings_that_say_what_is_imported_are_true() -> None:
+    """ "Only torch is imported" and the like, in a module docstring, list every library the module imports
+    (at any level: a lazy import is still one the module needs)."""
+    wrong, claims = [], 0
+    for name, tree in TREES.items():
+        for sentence in CLAIM.findall(ast.get_docstring(tree) or ""):
+            named = {word for word in re.findall(r"[A-Za-z_]+", sentence) if word in THIRD_PARTY}
+            claims += 1
+            extra = _third_party_imports(name) - named
+            if extra:
+                where = MODULES[name].relative_to(ROOT)
+                wrong.append(f"{where}: says {sentence.strip()!r}, also imports {sorted(extra)}")
+    assert claims >= 5, "the claim finder should see the modules' 'Only torch is imported' lines"
+    assert not wrong, "\n".join(wrong)

@@ -289,7 +289,8 @@ def test_a_built_proxy_can_be_passed_in_the_config(tmp_path):
         processing_class=TOK,
         callbacks=[callback],
     )
-    assert callback._select_fn.proxy is proxy
+    assert callback.proxy is proxy
+    assert SpiceDataCallback(_config()).proxy is None  # no proxy_model
 
 
 def test_a_proxy_built_on_another_vocabulary_is_refused(tmp_path):
@@ -430,7 +431,7 @@ def test_rounds_select_through_the_proxy_end_to_end_with_a_real_trainer(tmp_path
         processing_class=TOK,
         callbacks=[callback],
     )
-    proxy = callback._select_fn.proxy  # built and checked when the trainer was built
+    proxy = callback.proxy  # built and checked when the trainer was built
     assert not {id(p) for p in proxy.model.parameters()} & {id(p) for p in trainer.model.parameters()}
     trainer.train()
     assert not {id(p) for group in trainer.optimizer.param_groups for p in group["params"]} & {
@@ -515,6 +516,6 @@ def test_resume_restores_the_proxy_and_reproduces_the_uninterrupted_rounds(tmp_p
     # (adapter, optimizer, position of the last round), so it refreshes and selects as the full run did.
     assert [r.step for r in full.rounds] == [0, 3]
     assert [vars(s) for s in resumed.sampler.history] == [vars(s) for s in full.sampler.history]
-    full_proxy, resumed_proxy = full._select_fn.proxy, resumed._select_fn.proxy
+    full_proxy, resumed_proxy = full.proxy, resumed.proxy
     assert resumed_proxy.refresh_steps == full_proxy.refresh_steps > 0
     assert _same(_snapshot(resumed_proxy.model), _snapshot(full_proxy.model))

@@ -180,16 +180,12 @@ class MethodRun:
 def tokenize_prompt_completion(tokenizer: Any, rows: Sequence[Mapping[str, str]]) -> list[dict[str, list[int]]]:
     """``{"input_ids", "labels"}`` per prompt-completion row: ``tokenize(prompt + completion + eos)``, with the
     loss on the completion and the end-of-sequence token only (TRL's completion-only layout)."""
+    from spice_trainer.demo import world
+
     out = []
-    eos = tokenizer.eos_token or ""
     for row in rows:
-        completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
-        prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        ids = tokenizer(row["prompt"] + completion, add_special_tokens=False)["input_ids"]
-        start = 0
-        while start < min(len(prompt_ids), len(ids)) and prompt_ids[start] == ids[start]:
-            start += 1
-        out.append({"input_ids": list(ids), "labels": [-100] * start + list(ids[start:])})
+        ids, start = world.prompt_completion_ids(tokenizer, row)
+        out.append({"input_ids": ids, "labels": [-100] * start + ids[start:]})
     return out
 
 

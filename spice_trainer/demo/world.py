@@ -142,8 +142,8 @@ def _words(gen: torch.Generator, length: int) -> list[str]:
     return [WORDS[i] for i in order]
 
 
-def _answer(task: str, args: list[str]) -> list[str]:
-    """The correct completion tokens of ``task`` on ``args``."""
+def answer(task: str, args: Sequence[str]) -> list[str]:
+    """The correct completion tokens of ``task`` on ``args`` (the rules of every synthetic world)."""
     if task == "add":
         return [str((int(args[0]) + int(args[1])) % MODULUS)]
     if task == "reverse":
@@ -151,19 +151,25 @@ def _answer(task: str, args: list[str]) -> list[str]:
     if task == "sort":
         return sorted(args)
     if task == "wrap":
-        out = ["["]
-        for i, word in enumerate(args):
-            if i:
-                out.append(",")
-            out.append(word)
-        return [*out, "]"]
+        return wrapped(args)
     if task == "copy":
         return list(args)
     raise ValueError(f"task must be one of {(*TASKS, *EASY_ONLY_TASKS)!r}, got {task!r}")
 
 
-def _conflicting_answer(task: str, args: list[str]) -> list[str]:
-    """A consistent *other* rule for ``task`` (what a second, confused labeler would write)."""
+def wrapped(words: Sequence[str]) -> list[str]:
+    """``words`` as the ``wrap`` task writes them: ``[ a , b , c ]``."""
+    out = ["["]
+    for i, word in enumerate(words):
+        if i:
+            out.append(",")
+        out.append(word)
+    return [*out, "]"]
+
+
+def other_rule_answer(task: str, args: Sequence[str]) -> list[str]:
+    """A consistent *other* rule for ``task`` (what a second, confused labeler would write): subtraction, copy
+    instead of reverse, descending sort, no commas. The demo's ``conflicting`` rows carry it."""
     if task == "add":
         return [str((int(args[0]) - int(args[1])) % MODULUS)]
     if task == "reverse":
@@ -172,18 +178,18 @@ def _conflicting_answer(task: str, args: list[str]) -> list[str]:
         return sorted(args, reverse=True)
     if task == "wrap":
         return ["[", *args, "]"]  # the commas forgotten
-    raise ValueError(f"no conflicting rule for task {task!r}")
+    raise ValueError(f"no other rule for task {task!r}")
 
 
 def _mislabeled_answer(task: str, args: list[str], gen: torch.Generator) -> list[str]:
     """A plausible but wrong answer: a random other digit, or the list shuffled into a wrong order."""
-    correct = _answer(task, args)
+    correct = answer(task, args)
     if task == "add":
         wrong = [d for d in DIGITS if d != correct[0]]
         return [_choice(gen, wrong)]
     for _ in range(32):
         order = torch.randperm(len(args), generator=gen).tolist()
-        candidate = _answer("wrap", [args[i] for i in order]) if task == "wrap" else [args[i] for i in order]
+        candidate = answer("wrap", [args[i] for i in order]) if task == "wrap" else [args[i] for i in order]
         if candidate != correct:
             return candidate
     # Every permutation of ``args`` was the correct one (cannot happen for >= 2 distinct words).
@@ -218,16 +224,16 @@ def make_row(task: str, kind: str, gen: torch.Generator) -> dict[str, str]:
         return {"prompt": " ".join([*prompt, "="]), "completion": " " + " ".join(completion)}
     if kind == "redundant":
         args = _args(task, gen, hard=False)
-        return _row(task, args, _answer(task, args))
+        return _row(task, args, answer(task, args))
     if task not in TASKS:
         raise ValueError(f"a {kind!r} row needs a task in {TASKS!r}, got {task!r}")
     args = _args(task, gen, hard=True)
     if kind == "clean":
-        return _row(task, args, _answer(task, args))
+        return _row(task, args, answer(task, args))
     if kind == "mislabeled":
         return _row(task, args, _mislabeled_answer(task, args, gen))
     if kind == "conflicting":
-        return _row(task, args, _conflicting_answer(task, args))
+        return _row(task, args, other_rule_answer(task, args))
     raise ValueError(f"kind must be one of {KINDS!r}, got {kind!r}")
 
 
@@ -295,17 +301,24 @@ def tokenize_rows(tokenizer: Any, rows: Sequence[Mapping[str, str]]) -> list[dic
     ``input_ids`` is ``tokenize(prompt + completion + eos)`` and ``completion_mask`` marks the tokens
     after the prompt (the completion and the end-of-sequence token).
     """
-    eos = tokenizer.eos_token
     out = []
     for row in rows:
-        completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
-        prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        ids = tokenizer(row["prompt"] + completion, add_special_tokens=False)["input_ids"]
-        start = 0
-        while start < min(len(prompt_ids), len(ids)) and prompt_ids[start] == ids[start]:
-            start += 1
+        ids, start = prompt_completion_ids(tokenizer, row)
         out.append({"input_ids": ids, "completion_mask": [0] * start + [1] * (len(ids) - start)})
     return out
+
+
+def prompt_completion_ids(tokenizer: Any, row: Mapping[str, str]) -> tuple[list[int], int]:
+    """``(ids, start)``: ``ids = tokenize(prompt + completion + eos)`` (the end-of-sequence token added unless the
+    completion ends with it) and ``start`` the first token after the prompt's own tokens (TRL's split)."""
+    eos = tokenizer.eos_token or ""
+    completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    ids = list(tokenizer(row["prompt"] + completion, add_special_tokens=False)["input_ids"])
+    start = 0
+    while start < min(len(prompt_ids), len(ids)) and prompt_ids[start] == ids[start]:
+        start += 1
+    return ids, start
 
 
 def collate(rows: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -69,18 +69,25 @@ import torch
 
 from spice_trainer.demo import world as demo_world
 
+# The tasks, their rules and the symbols are the demo world's (one home: `spice_trainer.demo.world`).
+from spice_trainer.demo.world import (
+    DIGITS,
+    EASY_ONLY_TASKS,
+    MODULUS,
+    SYMBOLS,
+    TASKS,
+    answer,
+    other_rule_answer,
+    wrapped,
+)
+
 logger = logging.getLogger(__name__)
 
-TASKS: tuple[str, ...] = ("add", "reverse", "sort", "wrap")
 LIST_TASKS: tuple[str, ...] = ("reverse", "sort", "wrap")
 # Near-miss rows are plausible slips: ``reverse`` with its last two items swapped costs the base models about
 # the loss of a correct row (they half-copy the input); a swapped ``sort`` is as surprising as a random order.
 NEAR_MISS_TASKS: tuple[str, ...] = ("reverse",)
-EASY_ONLY_TASKS: tuple[str, ...] = ("copy",)
-MODULUS = 5
-DIGITS: tuple[str, ...] = tuple(str(i) for i in range(MODULUS))
 WORDS: tuple[str, ...] = ("ant", "bee", "cat", "dog", "elk", "fox", "gnu", "hen", "ibis", "jay", "kit", "owl")
-SYMBOLS: tuple[str, ...] = ("=", "[", "]", ",")
 
 KINDS: tuple[str, ...] = ("clean", "solved", "almost", "surprising", "prior", "duplicate")
 DETAIL_KIND: dict[str, str] = {
@@ -397,50 +404,13 @@ def _weighted_choice(gen: torch.Generator, options: Sequence[str], weights: Sequ
     return options[int(torch.multinomial(probs, 1, generator=gen).item())]
 
 
-def answer(task: str, args: Sequence[str]) -> list[str]:
-    """The correct completion tokens of ``task`` on ``args``."""
-    if task == "add":
-        return [str((int(args[0]) + int(args[1])) % MODULUS)]
-    if task == "reverse":
-        return list(reversed(args))
-    if task == "sort":
-        return sorted(args)
-    if task == "wrap":
-        return _wrapped(list(args))
-    if task == "copy":
-        return list(args)
-    raise ValueError(f"task must be one of {(*TASKS, *EASY_ONLY_TASKS)!r}, got {task!r}")
-
-
-def _wrapped(words: list[str]) -> list[str]:
-    out = ["["]
-    for i, word in enumerate(words):
-        if i:
-            out.append(",")
-        out.append(word)
-    return [*out, "]"]
-
-
-def other_rule_answer(task: str, args: Sequence[str]) -> list[str]:
-    """A consistent *other* rule for ``task``: subtraction, copy instead of reverse, descending sort, no commas."""
-    if task == "add":
-        return [str((int(args[0]) - int(args[1])) % MODULUS)]
-    if task == "reverse":
-        return list(args)
-    if task == "sort":
-        return sorted(args, reverse=True)
-    if task == "wrap":
-        return ["[", *args, "]"]
-    raise ValueError(f"no other rule for task {task!r}")
-
-
 def near_miss_answer(task: str, args: Sequence[str]) -> list[str]:
     """The correct list with its last two items swapped (list tasks only)."""
     if task not in LIST_TASKS:
         raise ValueError(f"near-miss labels exist for the list tasks {LIST_TASKS!r}, got {task!r}")
     items = answer("reverse" if task == "reverse" else "sort" if task == "sort" else "copy", args)
     items[-1], items[-2] = items[-2], items[-1]
-    return _wrapped(items) if task == "wrap" else items
+    return wrapped(items) if task == "wrap" else items
 
 
 def mislabeled_answer(task: str, args: Sequence[str], gen: torch.Generator) -> list[str]:
@@ -457,11 +427,11 @@ def mislabeled_answer(task: str, args: Sequence[str], gen: torch.Generator) -> l
     for _ in range(64):
         order = torch.randperm(len(args), generator=gen).tolist()
         shuffled = [args[i] for i in order]
-        candidate = _wrapped(shuffled) if task == "wrap" else shuffled
+        candidate = wrapped(shuffled) if task == "wrap" else shuffled
         if candidate not in taken:
             return candidate
     words = [_choice(gen, WORDS) for _ in args]
-    return _wrapped(words) if task == "wrap" else words
+    return wrapped(words) if task == "wrap" else words
 
 
 def _part(task: str, args: Sequence[str], seed: int) -> str:

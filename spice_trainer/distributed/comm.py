@@ -12,7 +12,8 @@ the candidates (`shard_rows`); then either
   Per pick: every rank scores its shard through the objective, the best ``(score, global index)`` and the
   pick's numbers are agreed with one all_gather of a few float64 per rank, the owner broadcasts the
   picked feature vector ``g_j: (d,)``, and every rank applies the same vector to its copy of the set
-  state. Communication per pick: ``world · 8 · 8`` bytes (the table) + ``d · 8`` bytes (the broadcast).
+  state. Communication per pick: ``world · 6 · 8`` bytes (the table: six float64 per rank) + ``d · 8`` bytes
+  (the broadcast), as `spice_trainer.distributed.greedy.distributed_bytes_per_pick` counts it.
   Memory: ``n · d / world`` per rank.
 
 `choose_strategy` picks gather-then-greedy while the whole matrix is small enough to hold on every rank:

@@ -30,8 +30,8 @@ What is measured, and what not:
   ``DistributedDataParallel`` wrapper; every mode and flag is restored afterwards.
 - A bf16/fp16 model runs in its own dtype; per-example gradients and features are accumulated in float32.
 
-Only torch is imported: LoRA layers are recognised structurally (PEFT's ``lora_A`` / ``lora_B``
-``ModuleDict``s keyed by adapter name, with a ``scaling`` dict).
+Only torch (and tqdm, for the progress bar) is imported: LoRA layers are recognised structurally (PEFT's
+``lora_A`` / ``lora_B`` ``ModuleDict``s keyed by adapter name, with a ``scaling`` dict).
 """
 
 from __future__ import annotations
@@ -164,8 +164,10 @@ def find_lora_weights(model: nn.Module, adapter_name: str | None = None) -> tupl
         active = _active_adapters(layers[0][1])
         if len(active) != 1:
             raise ValueError(
-                f"the model has {len(active)} active LoRA adapters {active!r}; say which one SPICE measures "
-                "with adapter_name=..."
+                f"the model has {len(active)} active LoRA adapters {active!r}; SPICE measures the gradients of one "
+                "adapter: activate the one to train and select with before selecting (PEFT: "
+                "model.set_adapter(name)), or, calling compute_gradient_features or find_lora_weights directly, "
+                "pass adapter_name=..."
             )
         adapter_name = active[0]
     weights: list[tuple[str, nn.Linear]] = []

@@ -408,6 +408,13 @@ class SpiceDataCallback(TrainerCallback):
             return []
         return source_rows(self.trainer, self._dataset, self.selected)
 
+    @property
+    def proxy(self) -> Any:
+        """The `spice_trainer.ProxyModel` the rounds measure with: ``config.proxy_model``, loaded and checked
+        against the trainer's model when the callback was attached; `None` without a proxy, before that, or with
+        a custom ``select_fn``."""
+        return getattr(self._select_fn, "proxy", None)
+
     def _require_trainer(self) -> Trainer:
         if self.trainer is None:
             raise RuntimeError("SpiceDataCallback is not attached to a Trainer; call `callback.attach(trainer)`")
