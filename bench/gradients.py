@@ -15,7 +15,7 @@ c. **LESS-style loop** — one example at a time: forward, ``loss.backward()``, 
    multiply by a dense ``D × d`` projection matrix materialised once (the same matrix ours generates block by
    block, so the features must agree: the cosine of (b) and (c) on the first rows is printed).
 
-Targets (docs: DESIGN.md §5): ours ≥ 0.8 × the baseline's examples/s, ≥ 1.5 × the loop's, peak memory
+Targets: ours ≥ 0.8 × the baseline's examples/s, ≥ 1.5 × the loop's, peak memory
 O(batch) and never O(D × d). ``--profile`` adds a ``torch.profiler`` table of where ours spends its time.
 """
 

@@ -48,7 +48,7 @@ def eligible_rows(grads: GradientFeatures, config: SpiceConfig) -> torch.Tensor:
     or below ``config.min_loss`` (already solved), or when ``config.max_loss_quantile`` is set and its
     loss is above that quantile of the remaining rows' losses — unless that would leave fewer rows than
     the budget, in which case the cap rises to the budget-th smallest remaining loss
-    (the highest-loss rows of a pool are disproportionately mislabeled or junk; DESIGN.md section 1).
+    (the highest-loss rows of a pool are disproportionately mislabeled or junk; docs/concepts.md, section 5).
 
     Returns:
         ``(n,)`` bool tensor.

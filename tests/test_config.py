@@ -16,7 +16,7 @@ def test_defaults_are_valid_and_frozen():
 
 def test_paper_preset_matches_the_paper_and_accepts_overrides():
     cfg = SpiceConfig.paper(budget=0.05)
-    # DESIGN.md section 1: raw gradients, α = 1, λ = 0.1, ω = 0.5, watching the information gain.
+    # The paper's settings (docs/concepts.md): raw gradients, α = 1, λ = 0.1, ω = 0.5, watching the information gain.
     assert (cfg.fisher_scale, cfg.conflict_weight, cfg.stop_ratio, cfg.stop_on) == (1.0, 0.1, 0.5, "gain")
     assert cfg.feature_norm == "none" and cfg.max_loss_quantile is None and cfg.min_loss is None
     assert cfg.budget == 0.05

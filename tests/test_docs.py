@@ -75,3 +75,32 @@ def test_python_block_runs(path: Path, line: int, code: str, tmp_path: Path, mon
     namespace: dict[str, object] = {"__name__": f"doc_block_{line}"}
     exec(compile(code, f"{path.name}:{line}", "exec"), namespace)
     assert os.getcwd() == str(tmp_path)
+
+
+# Files the docs and the code point readers to: markdown links, ``docs/x.md`` paths and upper-case names such
+# as ``README.md`` (lower-case bare names like ``report.md`` are files the library writes, not references).
+LINK = re.compile(r"\]\(([^)#\s]+\.md)(?:#[^)]*)?\)")
+CITED = re.compile(r"(?<![\w/.-])((?:docs/|examples/|bench/)?[\w-]+\.md)\b")
+CODE = sorted(p for folder in ("spice_trainer", "tests", "bench", "examples") for p in (ROOT / folder).rglob("*.py"))
+SOURCES = [*DOCS, ROOT / "bench" / "README.md", *(p for p in CODE if p != Path(__file__).resolve())]  # not our examples
+
+
+def _cited(path: Path) -> list[tuple[str, Path]]:
+    """``(as written, resolved path)`` of every document ``path`` points to."""
+    text = path.read_text(encoding="utf-8")
+    found = [(m, (path.parent / m).resolve()) for m in LINK.findall(text) if "://" not in m]
+    for name in CITED.findall(text):
+        if "/" in name or name.split(".")[0].isupper():
+            found.append((name, ROOT / name))
+    return found
+
+
+def test_cited_documents_exist() -> None:
+    missing = [f"{p.relative_to(ROOT)}: {name}" for p in SOURCES for name, target in _cited(p) if not target.is_file()]
+    assert not missing, "documents cited but not in the repository:\n" + "\n".join(missing)
+
+
+def test_the_citation_finder_sees_links_paths_and_names(tmp_path: Path) -> None:
+    doc = tmp_path / "x.md"
+    doc.write_text("see [a](a.md#part), docs/b.md, DESIGN.md, and report.md (written by the demo)\n")
+    assert [name for name, _ in _cited(doc)] == ["a.md", "docs/b.md", "DESIGN.md"]

@@ -14,7 +14,7 @@ an `spice_trainer.core.objective.Objective`; the code here only compares numbers
 - **searches** (`SEARCHES`, looked up by `SpiceConfig.exact_search`): how an exact source finds its argmax,
   ``"lazy"`` (`LazySearch`) or ``"incremental"`` (`IncrementalSearch`). Same picks.
 
-Greedy rule (DESIGN.md section 1): pick ``argmax_x Δ_x(S) − λ c_x(S)`` over eligible, unpicked rows; scores
+Greedy rule (docs/concepts.md, section 2): pick ``argmax_x Δ_x(S) − λ c_x(S)`` over eligible, unpicked rows; scores
 within `TIE` (relative) of the best count as tied and the lowest row wins.
 """
 

@@ -1,6 +1,6 @@
 """The SPICE objective: the Fisher log-det state, the conflict term and per-row state (the math, no selection loop).
 
-Symbols (Chang et al., "SPICE", ICLR 2026; DESIGN.md section 1):
+Symbols (Chang et al., "SPICE", ICLR 2026; docs/concepts.md, section 2):
 
 - ``g_i``: the feature (projected gradient) of candidate i, a row of ``G: (n, d)``.
 - ``F_S = Σ_{i∈S} g_i g_iᵀ``; utility ``U(S) = log det(I + α F_S)``, ``α`` = ``fisher_scale``.
@@ -42,7 +42,7 @@ FisherMethod = Literal["auto", "primal", "dual"]
 #: (lazy greedy), or nothing (each asked row is evaluated from the set state: stochastic greedy).
 RowState = Literal["incremental", "bounds", "direct"]
 
-#: η in the cosine denominator of the conflict term (DESIGN.md section 1).
+#: η in the cosine denominator of the conflict term (docs/concepts.md, section 2).
 CONFLICT_ETA = 1e-8
 
 #: Relative slack (of ``‖g‖²``) added to every upper bound of ``s``: covers the float64 rounding of two

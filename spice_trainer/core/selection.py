@@ -1,6 +1,6 @@
 """`Selection`: what a SPICE greedy run chose, and the numbers that explain why.
 
-Per pick ``t`` (DESIGN.md section 1): the gain ``Δ_t = Δ_{x_t}(S_{t−1})``, its base term
+Per pick ``t`` (docs/concepts.md, section 2): the gain ``Δ_t = Δ_{x_t}(S_{t−1})``, its base term
 ``b_t = log(1 + α‖g_{x_t}‖²)``, the interaction ``ε_t = Δ_t − b_t ≤ 0``, the conflict ``c_t`` and the
 score ``Δ_t − λ c_t``; and the cumulative utility ``log det(I + α F_{S_t})`` (initial rows included).
 """

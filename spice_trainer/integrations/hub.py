@@ -4,8 +4,8 @@ Wherever a local folder is accepted, a Hub id is too. Hub ids resolve as in tran
 cache first (``HF_HUB_CACHE``), a download otherwise, and never a download under ``HF_HUB_OFFLINE=1``
 (nothing here sets that variable: only the tests and the demo do).
 
-The only place that reaches into transformers' loading machinery (STYLE.md: transformers stays in
-``integrations/``).
+The only place that reaches into transformers' loading machinery (transformers stays in ``integrations/``:
+docs/architecture.md).
 """
 
 from __future__ import annotations

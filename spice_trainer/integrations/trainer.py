@@ -1,7 +1,7 @@
 """SPICE inside `transformers.Trainer` and TRL `SFTTrainer`: `SpiceDataCallback` (the sampler lives in `sampler.py`).
 
 ``callbacks=[SpiceDataCallback(SpiceConfig(budget=0.1))]`` is all a training script adds. The callback
-is thin (STYLE.md principle 4): every round is `spice_trainer.pipeline.select` on the trainer's model and
+is thin: every round is `spice_trainer.pipeline.select` on the trainer's model and
 dataset, and `SpiceSampler` only replays recorded subsets. How it hooks in, without a subclass:
 
 1. ``on_init_end`` finds the trainer that owns the callback (or the user calls `SpiceDataCallback.attach`)

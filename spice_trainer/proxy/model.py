@@ -1,7 +1,7 @@
 """The proxy model: cheap gradients from a smaller model of the same family, kept current online.
 
 Computing per-example gradients on the full target is the expensive part of selection. SPICE (Chang et
-al., ICLR 2026, DESIGN.md section 1) computes them on a smaller model of the same architecture family (a
+al., ICLR 2026) computes them on a smaller model of the same architecture family (a
 0.5B Qwen2 proxy for a 7B target) that carries its *own* LoRA adapter, and keeps that adapter current:
 
 - **Online pooled regime** (``config.greedy == "pooled"``, `ProxyModel.select_online`): the candidate
