@@ -677,3 +677,25 @@ def test_features_too_small_for_float64_are_refused() -> None:
     feats = _features(20, 4, seed=32) * 1e-170  # α‖g‖² ~ 1e-340: below float64's normal range
     with pytest.raises(ValueError, match="underflow"):
         select_from_features(feats, _cfg(budget=3))
+
+
+def test_the_loop_runs_under_the_selection_thread_policy() -> None:
+    """A small pool runs on one thread whatever the caller's count (no idle-core probe), ``threads`` is used as
+    given, and the caller's count is restored afterwards."""
+    seen: list[int] = []
+
+    class Watch(NeverStop):
+        def should_stop(self, gain: float, score: float, history: object) -> bool:
+            seen.append(torch.get_num_threads())
+            return False
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        select_from_features(_features(50, 4, seed=1), _cfg(budget=5), stopping=Watch())  # type: ignore[arg-type]
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        select_from_features(_features(50, 4, seed=1), _cfg(budget=5, threads=2), stopping=Watch())  # type: ignore[arg-type]
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

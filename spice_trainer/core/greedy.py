@@ -41,6 +41,7 @@ from spice_trainer.core.objective import (
 )
 from spice_trainer.core.selection import Selection
 from spice_trainer.core.stopping import PickHistory, StoppingRule, StopReason, check_cut, stopping_rule
+from spice_trainer.core.threads import SelectionThreads
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ __all__ = [
     "best_candidate",
     "check_initial",
     "check_usable",
+    "greedy_threads",
     "lowest_best",
     "progress_bar",
     "run_greedy",
@@ -73,10 +75,13 @@ __all__ = [
 _REFINE = 8
 #: At most this many rows tied exactly at the screening cut are re-scored (the lowest positions).
 _TIED = 64
-#: The lazy search's first shortlist length, and the picks under which a shortlist counts as short-lived (it
-#: then doubles). Measured on bench/greedy.py's n = 14,000, d = 256, k = 1,400: 512 and 8 (256-1,024, 4-32 within 25 %).
+#: The lazy search's first shortlist length; the picks under which a shortlist counts as short-lived (its length
+#: then doubles); and the share of the rows it may grow to (1/8: past that, its per-pick update costs as much as
+#: rescoring every row). Measured on bench/greedy.py's n = 14,000, d = 256, k = 1,400, raw and unit rows: 512, 8
+#: and 8 (256-1,024, 4-32 and 8-16 within 15 %; no cap: unit rows 1.5x slower, the shortlist grew to 4,096).
 _SHORTLIST = 512
 _SHORTLIST_GROW = 8
+_SHORTLIST_SHARE = 8
 
 #: Scores within this relative distance of the best count as tied, and the lowest row wins: two evaluations of
 #: the same row's score by different arithmetic (another batch, another kernel) differ by ~1e-16 relative, so
@@ -245,6 +250,7 @@ class Found(NamedTuple):
     gain: float
     conflict: float
     score: float
+    base: float
 
 
 class Search(Protocol):
@@ -266,9 +272,8 @@ class Search(Protocol):
 def _found(objective: Objective, position: int) -> Found:
     """``position``'s numbers evaluated alone from the set state: the same bits whichever search (or rank)
     found it."""
-    gains, conflicts, scores = objective.scores_at(torch.tensor([position], device=objective.device))
-    gain, conflict, score = torch.stack([gains[0], conflicts[0], scores[0]]).tolist()
-    return Found(position, gain, conflict, score)
+    gain, conflict, score, base = objective.evaluate(position)
+    return Found(position, gain, conflict, score, base)
 
 
 class IncrementalSearch:
@@ -345,7 +350,7 @@ class LazySearch:
             rows = self.active[live]
             gains = objective.shortlist_scores().gains[live]
             bound[rows] = torch.minimum(bound[rows], objective.bound_after(rows, gains))
-            if self.picks < _SHORTLIST_GROW:
+            if self.picks < _SHORTLIST_GROW and 2 * self.size <= max(_SHORTLIST, bound.shape[0] // _SHORTLIST_SHARE):
                 self.size *= 2
         bound.masked_fill_(blocked, -math.inf)
         available = int((bound > -math.inf).sum())
@@ -496,9 +501,8 @@ class ExactSource:
         if found is None:
             return None
         self._last = found.position
-        base = float(self.objective.base_gains_at(torch.tensor([found.position], device=self.objective.device))[0])
         row = self.rows[found.position] if self.rows is not None else found.position
-        return Candidate(row, found.gain, found.conflict, found.score, base)
+        return Candidate(row, found.gain, found.conflict, found.score, found.base)
 
     def accept(self, candidate: Candidate) -> None:
         position = self.position_of(candidate.row)
@@ -540,7 +544,7 @@ class StochasticSource:
 
     def __init__(
         self,
-        objective: SpiceObjective,
+        objective: Objective,
         features: torch.Tensor,
         mask: torch.Tensor,
         *,
@@ -566,11 +570,8 @@ class StochasticSource:
         else:
             chosen = np.sort(self.remaining[_sample_positions(self.size, self.sample_size, self.generator)])
         rows = torch.from_numpy(chosen).to(self.objective.device)
-        gains, conflicts, scores = self.objective.scores_at(rows)
-        j = lowest_best(scores)
-        base = self.objective.base_gains_at(rows[j : j + 1])[0]
-        gain, conflict, score, b = torch.stack([gains[j], conflicts[j], scores[j], base]).tolist()
-        return Candidate(int(chosen[j]), gain, conflict, score, b)
+        row = int(chosen[lowest_best(self.objective.scores_at(rows).scores)])
+        return Candidate(row, *self.objective.evaluate(row))
 
     def accept(self, candidate: Candidate) -> None:
         row = candidate.row
@@ -675,8 +676,7 @@ class PooledSource:
         if found is None:
             return None
         self._last = found.position
-        base = float(self.objective.base_gains_at(torch.tensor([found.position], device=self.objective.device))[0])
-        return Candidate(self._rows[found.position], found.gain, found.conflict, found.score, base)
+        return Candidate(self._rows[found.position], found.gain, found.conflict, found.score, found.base)
 
     def accept(self, candidate: Candidate) -> None:
         position = self._last
@@ -797,6 +797,10 @@ def select_from_features(
       pick's gain of the run, or ``reference_gain``) and the stream goes on to the next pool. The result
       equals running exact greedy on each pool in turn with ``initial`` = everything picked so far.
 
+    Threads: on the CPU the loop runs under `greedy_threads` (the selection thread policy of
+    `spice_trainer.core.threads`: ``config.threads``, else as many threads as idle cores; one thread for a
+    small pool).
+
     Stopping (`spice_trainer.core.stopping`): ``stopping`` when given, else `stopping_rule(config)` (the paper's
     ``ω`` rule on ``config.stop_on``, or none). Stop reasons: `spice_trainer.core.stopping.STOP_REASONS`.
 
@@ -869,7 +873,8 @@ def select_from_features(
     rule = stopping if stopping is not None else stopping_rule(config)
     progress = progress_bar(to_pick, show_progress)
     try:
-        run = run_greedy(source, rule, to_pick, reference_gain=reference_gain, progress=progress)
+        with greedy_threads(config, feats.device, n * feats.shape[1] * to_pick):
+            run = run_greedy(source, rule, to_pick, reference_gain=reference_gain, progress=progress)
     finally:
         if progress is not None:
             progress.close()
@@ -1037,6 +1042,23 @@ def check_usable(check: RowCheck, fisher_scale: float, *, warn: bool = True) -> 
             largest,
         )
     return skipped
+
+
+#: Below this much work (``n · d · k`` multiply-adds per regime pass) the greedy runs on one thread without
+#: measuring the idle cores (0.1 s): its small operations do not gain from more.
+_SMALL_GREEDY = 10**9
+
+
+def greedy_threads(config: SpiceConfig, device: torch.device, work: int) -> SelectionThreads:
+    """The selection thread policy (`spice_trainer.core.threads.SelectionThreads`) for a greedy run on ``device``.
+
+    ``config.threads`` when set; else one thread for less than `_SMALL_GREEDY` of ``work``, and otherwise as
+    many threads as idle cores (capped by torch's count). The greedy's per-pick operations are small: with
+    more threads than free cores each waits at a barrier for a descheduled thread, 12× slower with 2 threads
+    than with 1 at n = 14,000 on a loaded 2-core machine (bench/greedy.py, bench/README.md). A GPU is left alone.
+    """
+    requested = config.threads if config.threads is not None else (1 if work < _SMALL_GREEDY else None)
+    return SelectionThreads(requested, enabled=torch.device(device).type == "cpu")
 
 
 def check_initial(initial: Sequence[int] | None, n: int, skipped: Sequence[int]) -> list[int]:

@@ -59,6 +59,15 @@ class Scores(NamedTuple):
     scores: torch.Tensor
 
 
+class Evaluation(NamedTuple):
+    """One row's numbers as Python floats: ``Δ``, ``c``, ``Δ − λc`` and ``b = log(1 + α‖g‖²)``."""
+
+    gain: float
+    conflict: float
+    score: float
+    base: float
+
+
 class Objective(Protocol):
     """What every greedy regime needs from an objective (apricot's split: the loop never sees the math).
 
@@ -91,8 +100,9 @@ class Objective(Protocol):
         """The given rows' scores, evaluated exactly (float64) from the set state."""
         ...
 
-    def base_gains_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """``b = log(1 + α‖g‖²)`` for the given rows, ``(m,)``."""
+    def evaluate(self, position: int) -> Evaluation:
+        """One row's numbers, evaluated alone from the set state with fixed arithmetic (the same bits whichever
+        search, batch or rank asks)."""
         ...
 
     def vector(self, position: int) -> torch.Tensor:
@@ -325,6 +335,7 @@ class ConflictTracker:
         if reference is not None:
             self.reference = _check_reference(reference, dim).to(device=self.device, dtype=dtype)
             self._reference_norm = torch.linalg.vector_norm(self.reference)
+            self._reference_norm_value = float(self._reference_norm)
 
     @property
     def fixed(self) -> bool:
@@ -346,6 +357,17 @@ class ConflictTracker:
         self.total += g.to(device=self.device, dtype=self.dtype).reshape(self.dim) if g.dtype != self.dtype else g
         self.size += 1
         self._mean_norm = torch.linalg.vector_norm(self.total) / float(self.size)
+        self._mean_norm_value = float(self._mean_norm)
+
+    def conflict_of(self, dot: float, norm: float) -> float:
+        """`conflicts` for one row, from ``dot = g_xᵀ v`` and ``norm = ‖g_x‖`` as floats."""
+        if self.reference is not None:
+            cos = dot / (norm * self._reference_norm_value + CONFLICT_ETA)
+        elif self.size == 0:
+            return 0.0
+        else:
+            cos = (dot / float(self.size)) / (norm * self._mean_norm_value + CONFLICT_ETA)
+        return max(0.0, -cos)
 
     def conflicts(self, dots: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """``c`` from ``dots = G v: (m,)`` (``v`` = `vector`) and ``norms = ‖g_x‖: (m,)``."""
@@ -459,6 +481,36 @@ class RowScores:
     def gains(self) -> torch.Tensor:
         """``Δ_i = log(1 + α s_i)``, ``(m,)``."""
         return torch.log1p(self.s * self.fisher_scale)
+
+    def merged(self, where: torch.Tensor, fresh: RowScores) -> RowScores:
+        """A state for new rows: row ``i`` is this state's row ``where[i]`` when ``where[i] >= 0``, else the next
+        row of ``fresh`` (a state started at the same set)."""
+        if fresh._unscale != self._unscale or fresh.features_t.dtype != self.features_t.dtype:
+            raise ValueError("merged() needs two states read in the same precision and scale")
+        out = RowScores.__new__(RowScores)
+        out.fisher_scale, out.dtype, out.follow_set, out._unscale = (
+            self.fisher_scale,
+            self.dtype,
+            self.follow_set,
+            self._unscale,
+        )
+        kept = where >= 0
+        index_new = (~kept).nonzero().flatten()
+        index_old = kept.nonzero().flatten()
+        source = where[kept]
+        for name in ("s", "dots", "sqnorms", "norms"):
+            mine, theirs = getattr(self, name), getattr(fresh, name)
+            values = torch.empty(where.shape[0], dtype=mine.dtype, device=mine.device)
+            values[index_old] = mine[source]
+            values[index_new] = theirs
+            setattr(out, name, values)
+        features = torch.empty(
+            self.features_t.shape[0], where.shape[0], dtype=self.features_t.dtype, device=self.features_t.device
+        )
+        features[:, index_old] = self.features_t[:, source]
+        features[:, index_new] = fresh.features_t
+        out.features_t = features
+        return out
 
 
 class RowBounds:
@@ -653,6 +705,7 @@ class SpiceObjective:
             raise ValueError(f"rows must be 'incremental', 'bounds' or 'direct', got {rows!r}")
         self.features = block
         self.short: RowScores | None = None
+        self._short_positions: torch.Tensor | None = None
         self._floor: torch.Tensor | None = None
         self.rows: RowScores | RowBounds | None
         if rows == "incremental":
@@ -696,7 +749,18 @@ class SpiceObjective:
         """Keep the rows at ``positions`` exact and incremental from now on (``rows="bounds"``): `shortlist_scores`
         gives their scores at every later set for ``O(len · d)`` per pick. Their state starts from the set state
         (``O(d²)`` per row)."""
-        self.short = RowScores(self.features[positions], self.fisher, self.conflict, dtype=self.dtype, exact=True)
+        old, old_positions = self.short, self._short_positions
+        self._short_positions = positions
+        if old is None or old_positions is None:
+            self.short = RowScores(self.features[positions], self.fisher, self.conflict, dtype=self.dtype, exact=True)
+            return
+        # Rows already shortlisted keep their exact state; only the others start from the set state.
+        lookup = torch.full((self.features.shape[0],), -1, dtype=torch.long, device=positions.device)
+        lookup[old_positions] = torch.arange(old_positions.shape[0], device=positions.device)
+        where = lookup[positions]
+        kept = where >= 0
+        fresh = RowScores(self.features[positions[~kept]], self.fisher, self.conflict, dtype=self.dtype, exact=True)
+        self.short = old.merged(where, fresh)
 
     def shortlist_values(self) -> torch.Tensor:
         """``Δ − λc`` of the shortlisted rows (what `shortlist_scores` gives as ``scores``, with ``c`` computed
@@ -743,6 +807,21 @@ class SpiceObjective:
     def vector(self, position: int) -> torch.Tensor:
         """The feature vector ``(d,)`` of the tracked row at ``position``."""
         return self.features[position]
+
+    def evaluate(self, position: int) -> Evaluation:
+        """``(Δ, c, Δ − λc, b)`` of the tracked row at ``position`` as floats: ``M⁻¹ g`` and three dot products
+        in float64, the rest in Python, so that any caller (search, batch, rank) gets the same bits."""
+        g = self.features[position].to(device=self.fisher.device, dtype=self.dtype)
+        alpha = self.fisher.fisher_scale
+        s = max(0.0, float(torch.dot(g, self.fisher.solve(g)))) if self.fisher.size else float(torch.dot(g, g))
+        sq = float(torch.dot(g, g))
+        gain = math.log1p(alpha * s)
+        conflict = (
+            self.conflict.conflict_of(float(torch.dot(g, self.conflict.vector)), math.sqrt(sq))
+            if self.conflict.active
+            else 0.0
+        )
+        return Evaluation(gain, conflict, gain - self.conflict_weight * conflict, math.log1p(alpha * sq))
 
     def base_gains_at(self, positions: torch.Tensor) -> torch.Tensor:
         """``b = log(1 + α‖g‖²)`` for the tracked rows at ``positions``."""

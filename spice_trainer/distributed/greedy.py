@@ -23,6 +23,7 @@ from spice_trainer.core.greedy import (
     RowCheck,
     check_initial,
     check_usable,
+    greedy_threads,
     progress_bar,
     run_greedy,
     selection_from_run,
@@ -171,7 +172,8 @@ def distributed_greedy(
     rule = stopping if stopping is not None else stopping_rule(config)
     progress = progress_bar(to_pick, show_progress and is_main_process())
     try:
-        run = run_greedy(source, rule, to_pick, reference_gain=reference_gain, progress=progress)
+        with greedy_threads(config, device, n * d * to_pick):
+            run = run_greedy(source, rule, to_pick, reference_gain=reference_gain, progress=progress)
     finally:
         if progress is not None:
             progress.close()
