@@ -973,16 +973,18 @@ class RowCheck(NamedTuple):
     sqnorms: torch.Tensor
 
 
-def usable_rows(features: torch.Tensor, fisher_scale: float, rows: int = 16384) -> RowCheck:
-    """Which rows the greedy can use, checked a chunk at a time (no ``(n, d)`` temporaries)."""
+def usable_rows(features: torch.Tensor, fisher_scale: float, rows: int = 4096) -> RowCheck:
+    """Which rows the greedy can use: two reductions per chunk of rows, no copy of the features (a float64 copy
+    of each chunk, even freed at once, grew a 1M-row process by twice the features' size through the allocator)."""
     finite: list[torch.Tensor] = []
     nonzero: list[torch.Tensor] = []
     sqnorms: list[torch.Tensor] = []
     for i in range(0, features.shape[0], rows):
         chunk = features[i : i + rows]
-        finite.append(torch.isfinite(chunk).all(dim=1))
-        nonzero.append((chunk != 0).any(dim=1))
-        sqnorms.append(chunk.to(torch.float64).square().sum(dim=1))
+        largest = torch.linalg.vector_norm(chunk, ord=math.inf, dim=1)  # NaN or inf when an entry is
+        finite.append(torch.isfinite(largest))
+        nonzero.append(largest > 0)
+        sqnorms.append(torch.linalg.vector_norm(chunk, dim=1, dtype=torch.float64).square())
     ok, sq = torch.cat(finite), torch.cat(sqnorms)
     return RowCheck(ok, ok & (sq * max(1.0, fisher_scale) <= MAX_SQNORM), torch.cat(nonzero), sq)
 

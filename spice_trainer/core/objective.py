@@ -620,8 +620,18 @@ def _screening_copy(block: torch.Tensor, dtype: torch.dtype, sqnorms: torch.Tens
 
 
 def _row_sqnorms(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``‖g_i‖²`` of every row, ``(m,)``, accumulated in ``dtype``."""
-    return _chunked(block, dtype, lambda chunk: (chunk * chunk).sum(dim=1))
+    """``‖g_i‖²`` of every row, ``(m,)``, accumulated in ``dtype`` (a reduction per chunk, no upcast copy)."""
+    rows = 4096
+    return (
+        torch.cat(
+            [
+                torch.linalg.vector_norm(block[i : i + rows], dim=1, dtype=dtype).square()
+                for i in range(0, block.shape[0], rows)
+            ]
+        )
+        if block.shape[0]
+        else torch.zeros(0, dtype=dtype, device=block.device)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
