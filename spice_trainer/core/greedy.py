@@ -46,16 +46,19 @@ from spice_trainer.core.threads import SelectionThreads
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_SQNORM",
     "REGIMES",
     "SEARCHES",
     "TIE",
     "Candidate",
     "CandidateSource",
     "ExactSource",
+    "Found",
     "GreedyRun",
     "IncrementalSearch",
     "LazySearch",
     "PooledSource",
+    "Regime",
     "RowCheck",
     "Search",
     "StochasticSource",
