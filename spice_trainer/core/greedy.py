@@ -388,8 +388,9 @@ class LazySearch:
                 raise RuntimeError("LazySearch lost track of its available rows")
             # Some row outside the shortlist may score as high: shortlist every row whose bound reaches this.
             self._rebuild(reach)
-        # The shortlist's float64 values drift from the set state's by ~1e-14: every row that may be tied.
-        close = (scores >= value - 1e3 * TIE * abs(value)).nonzero().flatten()
+        # The shortlist's float64 values drift from the set state's by ~1e-13 (rows shortlisted at different
+        # picks drift differently): every row within 1e-9 may be tied, and is re-scored with the others.
+        close = (scores >= value - 1e3 * TIE * max(abs(value), 1.0)).nonzero().flatten()
         if close.numel() > 1:
             found = objective.scores_at(self.active[close])
             j = int(close[lowest_best(found.scores)])
