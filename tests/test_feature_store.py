@@ -75,7 +75,8 @@ def test_fill_computes_only_missing_chunks_and_reopen_keeps_layout(tmp_path: Pat
     assert (stats.reused, stats.computed) == (2, 3)
     assert calls == [list(range(7, 14)), list(range(21, 28)), list(range(28, 30))]
     got, _, _ = again.read_rows(range(n))
-    assert torch.allclose(got, feats, atol=2e-3, rtol=1e-3)
+    # Stored as float16: exactly numpy's float16 rounding of the written values.
+    assert torch.equal(got, torch.from_numpy(feats.numpy().astype(np.float16).astype(np.float32)))
     # No temporary files are left behind by the atomic manifest writes.
     assert not [p for p in (tmp_path / "key" / "chunks").iterdir() if p.suffix != ".json"]
 
@@ -93,6 +94,86 @@ def test_store_refuses_mismatch_and_overflow(tmp_path: Path) -> None:
     assert not store.is_complete(0)
     with pytest.raises(ValueError, match="chunk 1 needs"):
         store.write_chunk(1, torch.zeros(4, 4), torch.zeros(4), torch.zeros(4))
+
+
+def _filled(tmp_path: Path, n: int = 30, d: int = 4) -> tuple[FeatureStore, tuple, list[list[int]]]:
+    feats, losses, tokens = _rows(n, d)
+    feats[3] = float("nan")  # a skipped row: NaN is legitimate content, covered by the checksum like any other
+    calls: list[list[int]] = []
+
+    def compute(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        calls.append(rows)
+        return feats[rows], losses[rows], tokens[rows]
+
+    store = FeatureStore.open(tmp_path, "key", n=n, proj_dim=d, chunk_rows=7)
+    store.fill(range(store.num_chunks), compute)
+    calls.clear()
+    store.compute = compute  # type: ignore[attr-defined]
+    return store, (feats, losses, tokens), calls
+
+
+def _damage(path: Path, fault: str) -> None:
+    if fault == "random_bytes":  # rows 7-13 are chunk 1
+        with open(path / "features.f16", "r+b") as fh:
+            fh.seek(8 * 4 * 2)
+            fh.write(np.random.default_rng(0).integers(0, 256, 16, dtype=np.uint8).tobytes())
+    elif fault == "nan_chunk":
+        features = np.memmap(path / "features.f16", dtype=np.float16, mode="r+", shape=(30, 4))
+        features[7:14] = np.nan
+        features.flush()
+    elif fault == "zeroed_losses":
+        losses = np.memmap(path / "losses.f32", dtype=np.float32, mode="r+", shape=(30,))
+        losses[7:14] = 0.0
+        losses.flush()
+    elif fault == "truncated":
+        with open(path / "features.f16", "r+b") as fh:
+            fh.truncate(100)  # rows 0-11 and part of row 12 survive; numpy would zero-extend the rest
+    elif fault == "manifest":
+        (path / "chunks" / "000001.json").write_text("{not json")
+
+
+@pytest.mark.parametrize("fault", ["random_bytes", "nan_chunk", "zeroed_losses", "truncated", "manifest"])
+def test_a_damaged_store_is_recomputed_not_read(tmp_path: Path, fault: str, caplog) -> None:
+    store, (feats, losses, tokens), calls = _filled(tmp_path)
+    _damage(store.path, fault)
+    with caplog.at_level("WARNING", logger="spice_trainer.features.store"):
+        reopened = FeatureStore.open(tmp_path, "key", n=30, proj_dim=4, chunk_rows=7)
+        stats = reopened.fill(range(reopened.num_chunks), store.compute)  # type: ignore[attr-defined]
+    damaged = {"truncated": [1, 2, 3, 4]}.get(fault, [1])  # bytes past 100: rows 12-29, chunks 1-4
+    assert calls == [list(reopened.chunk_range(c)) for c in damaged]
+    assert (stats.reused, stats.computed) == (5 - len(damaged), len(damaged))
+    assert str(store.path) in caplog.text
+    got_f, got_l, got_t = reopened.read_rows(range(30))
+    expected = torch.from_numpy(feats.numpy().astype(np.float16).astype(np.float32))
+    assert torch.equal(torch.nan_to_num(got_f, nan=7.0), torch.nan_to_num(expected, nan=7.0))
+    assert torch.equal(got_l, losses) and torch.equal(got_t, tokens)
+
+
+def test_an_unreadable_meta_json_names_the_store_and_the_fix(tmp_path: Path) -> None:
+    store, _, _ = _filled(tmp_path)
+    (store.path / "meta.json").write_text('{"n": 30, "proj_')
+    with pytest.raises(ValueError, match=rf"{store.path}.*unreadable meta.json.*delete"):
+        FeatureStore.open(tmp_path, "key", n=30, proj_dim=4, chunk_rows=7)
+
+
+def test_select_through_a_damaged_store_equals_a_fresh_selection(tmp_path: Path) -> None:
+    from spice_trainer.pipeline import select
+
+    rows = [{"input_ids": [7 + (i % 4), 7 + (i % 3), 9, 7 + (i // 6) % 4]} for i in range(24)]
+    config = SpiceConfig(proj_dim=8, budget=5, batch_size=4, feature_store=str(tmp_path / "store"))
+    first = select(_tiny(), rows, config, show_progress=False)
+    (key_dir,) = [p for p in (tmp_path / "store").iterdir() if p.is_dir()]
+    features = np.memmap(key_dir / "features.f16", dtype=np.float16, mode="r+", shape=(24, 8))
+    features[:] = 0.0  # every chunk zeroed: read back, the selection would silently change
+    features.flush()
+    again = select(_tiny(), rows, config, show_progress=False)
+    store_meta = again.metadata["feature_store"]
+    assert (
+        store_meta["reused_chunks"] == 0
+        and store_meta["computed_chunks"] == first.metadata["feature_store"]["computed_chunks"]
+    )
+    assert again.indices == first.indices
+    assert again.gains == first.gains
 
 
 def test_default_chunk_rows() -> None:
@@ -113,7 +194,7 @@ def test_fingerprint_tracks_what_changes_features() -> None:
     cfg = SpiceConfig(proj_dim=8)
     data = [{"input_ids": [7, 8, 9]}, {"input_ids": [8, 9]}]
     key, desc = store_fingerprint(_tiny(), data, cfg)
-    assert set(desc) == {"model", "adapter", "dataset", "collator", "config"}
+    assert set(desc) == {"store_version", "model", "adapter", "dataset", "collator", "config"}
     # Rebuilding the same model and data gives the same key; batch_size does not change features.
     assert store_fingerprint(_tiny(), list(data), cfg.with_changes(batch_size=3))[0] == key
     # Each of these changes the features, so each changes the key.

@@ -7,7 +7,7 @@ Layout of one store (one directory per fingerprint under the user's ``feature_st
         features.f16        (n, proj_dim) float16 numpy.memmap
         losses.f32          (n,) float32 numpy.memmap
         num_tokens.i64      (n,) int64 numpy.memmap
-        chunks/000012.json  one small manifest per finished chunk of rows
+        chunks/000012.json  one small manifest per finished chunk of rows, with the SHA-256 of its bytes
 
 Rows are cut into fixed chunks ``[c · chunk_rows, (c + 1) · chunk_rows)``. A chunk counts as done
 only once its manifest exists; the manifest is written to a temporary file and moved into place
@@ -15,11 +15,17 @@ with `os.replace` (atomic on POSIX) *after* the chunk's rows were flushed to the
 killed mid-pass therefore leaves whole chunks or nothing: on the next run the finished chunks are
 read back and only the missing ones are computed.
 
+Integrity. A finished chunk is reused only if its bytes (features, losses and token counts) still hash to the
+checksum in its manifest; a data file whose size is not the store's (truncated, or grown: numpy would zero-extend
+a short file silently) is resized and every chunk then re-checked. A chunk that fails (random bytes, NaN written
+over it, zeroed losses, a truncated file, an unreadable manifest) is recomputed, with a warning naming the store
+and the chunk; a ``meta.json`` that cannot be read is an error naming the store and the fix (delete it).
+
 The fingerprint (`store_fingerprint`) covers everything that changes the features: the model
 (class, config, a strided probe of every weight), the adapter weights (full hash), the dataset
-(`datasets.Dataset._fingerprint`, else a hash of the rows), the collator's class and the config
-fields ``proj_dim``, ``projection``, ``feature_norm``, ``seed``, ``max_length`` (plus the optimizer's
-second moments when ``feature_norm="adam"``). A changed adapter (a later selection round after
+(`spice_trainer.features.fingerprint.dataset_fingerprint`), the collator's class, the store's format version
+and the config fields ``proj_dim``, ``projection``, ``feature_norm``, ``seed``, ``max_length`` (plus the
+optimizer's second moments when ``feature_norm="adam"``). A changed adapter (a later selection round after
 training steps) gets a fresh store; stale stores are never deleted automatically.
 
 Features are stored as float16 (half the disk of float32; unit-normalised features keep ~3 decimal
@@ -46,10 +52,14 @@ import numpy as np
 import torch
 
 from spice_trainer.config import SpiceConfig
+from spice_trainer.features.fingerprint import dataset_fingerprint
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = 1
+# 2: chunk manifests carry a SHA-256 of the chunk's bytes (a version-1 store has none, so it is never reused:
+# the version is part of the fingerprint, so a version-2 run opens a fresh directory).
+STORE_VERSION = 2
+_DATA_FILES = (("features.f16", np.float16), ("losses.f32", np.float32), ("num_tokens.i64", np.int64))
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 # Config fields that change the features of a row (batch_size does not: features are batch-invariant).
 FEATURE_FIELDS = ("proj_dim", "projection", "feature_norm", "seed", "max_length")
@@ -88,6 +98,7 @@ class FeatureStore:
         self.n = n
         self.proj_dim = proj_dim
         self.chunk_rows = chunk_rows
+        self._check_file_sizes()
         self._features = np.memmap(path / "features.f16", dtype=np.float16, mode="r+", shape=(n, proj_dim))
         self._losses = np.memmap(path / "losses.f32", dtype=np.float32, mode="r+", shape=(n,))
         self._num_tokens = np.memmap(path / "num_tokens.i64", dtype=np.int64, mode="r+", shape=(n,))
@@ -112,7 +123,8 @@ class FeatureStore:
 
         Raises:
             ValueError: the existing store was written for a different ``n`` or ``proj_dim`` (a
-                fingerprint collision or a hand-edited directory): delete the directory named.
+                fingerprint collision or a hand-edited directory), or its ``meta.json`` cannot be read:
+                delete the directory named.
             FileNotFoundError: ``create=False`` and the store does not exist yet.
         """
         if n < 1 or proj_dim < 1 or chunk_rows < 1:
@@ -123,7 +135,17 @@ class FeatureStore:
             if not create:
                 raise FileNotFoundError(f"no feature store at {path}; it is created by the first process (rank 0)")
             cls._create(path, fingerprint, n, proj_dim, chunk_rows, description or {})
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+            if not isinstance(meta, dict) or not all(
+                isinstance(meta.get(k), int) and meta[k] >= 1 for k in ("n", "proj_dim", "chunk_rows")
+            ):
+                raise ValueError("n, proj_dim and chunk_rows must be positive integers")
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ValueError(
+                f"the feature store at {path} has an unreadable meta.json ({err}); it was damaged or edited: "
+                f"delete {path} to rebuild it"
+            ) from err
         if meta.get("version") != STORE_VERSION or meta["n"] != n or meta["proj_dim"] != proj_dim:
             raise ValueError(
                 f"the feature store at {path} holds n={meta.get('n')}, proj_dim={meta.get('proj_dim')} "
@@ -155,6 +177,25 @@ class FeatureStore:
         }
         _atomic_write_json(path / "meta.json", meta)
 
+    def _check_file_sizes(self) -> None:
+        """Resize a data file whose size is not the store's; its chunks then fail their checksums."""
+        rows = {"features.f16": self.n * self.proj_dim}
+        for name, dtype in _DATA_FILES:
+            file = self.path / name
+            expected = rows.get(name, self.n) * np.dtype(dtype).itemsize
+            size = file.stat().st_size if file.exists() else -1
+            if size != expected:
+                logger.warning(
+                    "spice: feature store %s: %s has %d bytes, expected %d (truncated or changed); every chunk is "
+                    "checked against its checksum and damaged ones are recomputed",
+                    self.path,
+                    name,
+                    max(size, 0),
+                    expected,
+                )
+                with open(file, "ab") as fh:
+                    fh.truncate(expected)
+
     # ---------------------------------------------------------------------------------------
     @property
     def num_chunks(self) -> int:
@@ -174,9 +215,30 @@ class FeatureStore:
         return self._manifest(chunk).exists()
 
     def manifest(self, chunk: int) -> dict[str, Any] | None:
-        """The manifest of a finished chunk (who wrote it and when), or `None`."""
+        """The manifest of a finished chunk (who wrote it and when, its checksum), or `None` (also when unreadable)."""
         path = self._manifest(chunk)
-        return json.loads(path.read_text()) if path.exists() else None
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):  # missing, or damaged: the chunk is recomputed
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
+    def chunk_checksum(self, chunk: int) -> str:
+        """SHA-256 of the chunk's bytes as they are on disk now (features, then losses, then token counts)."""
+        rows = self.chunk_range(chunk)
+        sl = slice(rows.start, rows.stop)
+        return _checksum(self._features[sl], self._losses[sl], self._num_tokens[sl])
+
+    def is_valid(self, chunk: int) -> bool:
+        """The chunk is complete and its bytes match the checksum its manifest recorded."""
+        manifest = self.manifest(chunk)
+        rows = self.chunk_range(chunk)
+        return (
+            manifest is not None
+            and manifest.get("start") == rows.start
+            and manifest.get("stop") == rows.stop
+            and manifest.get("sha256") == self.chunk_checksum(chunk)
+        )
 
     def complete_chunks(self) -> list[int]:
         return [c for c in range(self.num_chunks) if self.is_complete(c)]
@@ -212,10 +274,15 @@ class FeatureStore:
         self._num_tokens[sl] = num_tokens.detach().to("cpu", torch.int64).numpy()
         for array in (self._features, self._losses, self._num_tokens):
             array.flush()
-        _atomic_write_json(
-            self._manifest(chunk),
-            {"chunk": chunk, "start": rows.start, "stop": rows.stop, "pid": os.getpid(), "time": time.time()},
-        )
+        manifest = {
+            "chunk": chunk,
+            "start": rows.start,
+            "stop": rows.stop,
+            "sha256": self.chunk_checksum(chunk),
+            "pid": os.getpid(),
+            "time": time.time(),
+        }
+        _atomic_write_json(self._manifest(chunk), manifest)
 
     def read_rows(self, rows: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features ``(len(rows), proj_dim)`` float32, losses ``(len(rows),)`` float32, num_tokens int64."""
@@ -233,7 +300,10 @@ class FeatureStore:
         chunks: Sequence[int],
         compute: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     ) -> ChunkStats:
-        """Compute and write every chunk of ``chunks`` that is not complete yet.
+        """Compute and write every chunk of ``chunks`` that is not complete, or whose bytes fail their checksum.
+
+        A finished chunk that fails its checksum is recomputed with a warning naming the store and the chunk;
+        `read_rows` of these chunks afterwards returns verified data.
 
         Args:
             chunks: chunk ids this process is responsible for.
@@ -242,7 +312,20 @@ class FeatureStore:
         Returns:
             How many chunks were reused from disk and how many computed.
         """
-        todo = [c for c in chunks if not self.is_complete(c)]
+        todo = []
+        for c in chunks:
+            if self.is_valid(c):
+                continue
+            if self._manifest(c).exists():
+                logger.warning(
+                    "spice: feature store %s: chunk %d (rows %d-%d) does not match its checksum (the store's files "
+                    "were changed or damaged); recomputing it",
+                    self.path,
+                    c,
+                    self.chunk_range(c).start,
+                    self.chunk_range(c).stop - 1,
+                )
+            todo.append(c)
         for chunk in todo:
             feats, losses, tokens = compute(list(self.chunk_range(chunk)))
             self.write_chunk(chunk, feats, losses, tokens)
@@ -272,8 +355,8 @@ def store_fingerprint(
       up to 64 values of every parameter (catches differently initialised or fine-tuned base weights
       without hashing billions of them);
     - ``adapter``: every LoRA parameter (names containing ``lora_``), names, shapes and bytes in full;
-    - ``dataset``: ``dataset._fingerprint`` when the dataset is a `datasets.Dataset`, else a hash of
-      every row's tensor-like fields;
+    - ``dataset``: `spice_trainer.features.fingerprint.dataset_fingerprint` (``datasets``' own fingerprint, else a
+      hash of every row, every column);
     - ``collator``: the collator's class (its padding/masking changes the losses);
     - ``config``: the fields of `FEATURE_FIELDS`;
     - ``optimizer``: with ``feature_norm="adam"``, the second-moment state of the adapter parameters.
@@ -282,9 +365,10 @@ def store_fingerprint(
         ``(fingerprint, description)``; the description is stored in the store's ``meta.json``.
     """
     description: dict[str, Any] = {
+        "store_version": STORE_VERSION,
         "model": _model_digest(model),
         "adapter": _adapter_digest(model),
-        "dataset": _dataset_digest(dataset),
+        "dataset": dataset_fingerprint(dataset),
         "collator": None if data_collator is None else _qualname(data_collator),
         "config": {name: getattr(config, name) for name in FEATURE_FIELDS},
     }
@@ -341,26 +425,6 @@ def _adapter_digest(model: Any) -> str:
     return h.hexdigest()
 
 
-def _dataset_digest(dataset: Any) -> str:
-    fingerprint = getattr(dataset, "_fingerprint", None)
-    if isinstance(fingerprint, str) and fingerprint:
-        return f"datasets:{fingerprint}:{len(dataset)}"
-    h = hashlib.sha256()
-    h.update(str(len(dataset)).encode())
-    for i in range(len(dataset)):
-        row = dataset[i]
-        items = row.items() if isinstance(row, dict) else enumerate(row)
-        for key, value in sorted(items, key=lambda kv: str(kv[0])):
-            h.update(str(key).encode())
-            if isinstance(value, torch.Tensor):
-                h.update(_tensor_bytes(value))
-            elif isinstance(value, np.ndarray):
-                h.update(value.tobytes())
-            else:
-                h.update(repr(value).encode())
-    return h.hexdigest()
-
-
 def _optimizer_digest(optimizer: torch.optim.Optimizer | None) -> str | None:
     if optimizer is None:
         return None
@@ -374,6 +438,13 @@ def _optimizer_digest(optimizer: torch.optim.Optimizer | None) -> str | None:
                     h.update(_tensor_bytes(value))
                 elif value is not None:
                     h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def _checksum(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for array in arrays:
+        h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
 
 
