@@ -2,7 +2,9 @@
 
 One home for what the gradient pass, the proxy's refresh steps and the feature store share:
 
-- `prepare_row` keeps a row's numeric columns (truncated to ``max_length``); `PadCollator` is the padding
+- `prepare_row` checks a row (`RowLimits`: token ids inside the vocabulary, no ``-100`` in ``input_ids``, token
+  columns as long as ``input_ids``, no more tokens than the model has positions) and keeps its numeric columns
+  (truncated to ``max_length``); every error names the dataset row and the fix. `PadCollator` is the padding
   collator used when the caller gives none; `collate` calls a collator *as the library* (see
   `is_selection_collation`), so a user's collator can tell selection batches from training batches.
 - `model_inputs` and `batch_labels` build the forward's keyword arguments and the labels as the gradient
@@ -18,6 +20,7 @@ import contextvars
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -113,18 +116,76 @@ def check_labels(targets: torch.Tensor, vocab_size: int, rows: Sequence[int]) ->
         )
 
 
-def prepare_row(row: Any, max_length: int | None) -> dict[str, Any]:
-    """Keep the numeric columns of a row, sequences truncated to ``max_length`` tokens.
+# Columns that hold one entry per token of ``input_ids`` (transformers' and TRL's names).
+TOKEN_COLUMNS = ("labels", "attention_mask", "completion_mask", "assistant_masks", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class RowLimits:
+    """What a model accepts in a row: token ids in ``[0, vocab_size)``, at most ``max_positions`` tokens.
+
+    `None` means unknown (not checked). Build with `row_limits`.
+    """
+
+    vocab_size: int | None = None
+    max_positions: int | None = None
+    positions_field: str = "max_position_embeddings"
+
+
+def row_limits(model: nn.Module) -> RowLimits:
+    """The model's vocabulary (rows of its input embedding) and position limit (its config's
+    ``max_position_embeddings`` / ``n_positions``), for `prepare_row`'s checks."""
+    vocab: int | None = None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        weight = getattr(get_embeddings(), "weight", None) if callable(get_embeddings) else None
+    except (NotImplementedError, AttributeError):
+        weight = None
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        vocab = int(weight.shape[0])
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return RowLimits(vocab_size=vocab, max_positions=value, positions_field=name)
+    return RowLimits(vocab_size=vocab)
+
+
+def prepare_row(
+    row: Any, max_length: int | None, *, index: int | None = None, limits: RowLimits | None = None
+) -> dict[str, Any]:
+    """Check a row, then keep its numeric columns, sequences truncated to ``max_length`` tokens.
 
     Strings, ``None`` and lists of non-numbers (e.g. TRL's ``messages`` or ``prompt`` columns) are dropped:
     collators only pad numbers.
+
+    Args:
+        row: one dataset row.
+        max_length: truncate every sequence column to this many tokens (`None`: no truncation).
+        index: the row's index in the dataset, named in errors.
+        limits: the model's `RowLimits`; `None` skips the vocabulary and position checks.
+
+    Raises:
+        ValueError: the row is not a mapping with ``input_ids``; a token column (``labels``, ``attention_mask``,
+            ...) has another length than ``input_ids``; ``input_ids`` holds ``-100`` or ids outside the
+            vocabulary; the (truncated) row has more tokens than the model has positions. Each names the row.
     """
+    where = "a dataset row" if index is None else f"dataset row {index}"
     if not isinstance(row, Mapping) or "input_ids" not in row:
         found = sorted(row) if isinstance(row, Mapping) else type(row).__name__
         raise ValueError(
-            f"each dataset row must be a dict with 'input_ids' (tokenised text), got {found}; tokenise the "
-            "dataset first (TRL's SFTTrainer does it for you)"
+            f"each dataset row must be a dict with 'input_ids' (tokenised text), got {found} in {where}; tokenise "
+            "the dataset first (TRL's SFTTrainer does it for you)"
         )
+    length = sequence_length(row["input_ids"])
+    for key in TOKEN_COLUMNS:
+        value = row.get(key)
+        if value is not None and is_numeric(value) and sequence_length(value) != length:
+            raise ValueError(
+                f"{where}: {key!r} has {sequence_length(value)} entries but 'input_ids' has {length}; token columns "
+                "must align with input_ids one entry per token (labels use -100 for tokens without loss). Fix the "
+                "tokenisation of that row, or drop it"
+            )
     out: dict[str, Any] = {}
     for key, value in row.items():
         if not is_numeric(value):
@@ -132,17 +193,55 @@ def prepare_row(row: Any, max_length: int | None) -> dict[str, Any]:
         if max_length is not None and sequence_length(value) > max_length:
             value = value[:max_length]
         out[key] = value
+    if limits is not None:
+        _check_input_ids(out["input_ids"], where, limits, max_length)
     return out
 
 
+def _check_input_ids(input_ids: Any, where: str, limits: RowLimits, max_length: int | None) -> None:
+    ids = torch.as_tensor(input_ids).reshape(-1)
+    if ids.numel() == 0:
+        return
+    if bool((ids == -100).any()):
+        position = int((ids == -100).nonzero()[0])
+        raise ValueError(
+            f"{where}: 'input_ids' holds -100 (at token {position}); -100 marks tokens without loss in 'labels' "
+            "only, input_ids must be token ids. Was 'labels' copied into 'input_ids'? Rebuild that row's input_ids "
+            "from the tokenizer"
+        )
+    vocab = limits.vocab_size
+    bad = (ids < 0) if vocab is None else ((ids < 0) | (ids >= vocab))
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0])
+        bound = "" if vocab is None else f" [0, {vocab})"
+        raise ValueError(
+            f"{where}: 'input_ids' holds token id {int(ids[position])} (at token {position}), outside the model's "
+            f"vocabulary{bound}. Check that the tokenizer matches the model (after adding tokens, call "
+            "model.resize_token_embeddings(len(tokenizer)))"
+        )
+    if limits.max_positions is not None and ids.numel() > limits.max_positions:
+        now = "" if max_length is None else f" after truncation to max_length={max_length}"
+        raise ValueError(
+            f"{where} has {ids.numel()} tokens{now}, more than the model's {limits.max_positions} positions "
+            f"(config.{limits.positions_field}); set SpiceConfig(max_length={limits.max_positions}) (or lower) to "
+            "truncate rows for selection, and the trainer's max_length to the same for training"
+        )
+
+
 def longest_first(dataset: Any, rows: Sequence[int], max_length: int | None) -> list[int]:
-    """Positions ``0..len(rows)-1`` ordered by their row's token count, longest first (stable)."""
-    lengths = []
+    """Positions ``0..len(rows)-1`` ordered by their row's token count, longest first (stable).
+
+    Rows with an empty ``input_ids`` are left out: they have no token to measure (the caller keeps them as rows
+    without a supervised token). Rows that are not mappings with ``input_ids`` stay in, so that `prepare_row`
+    names them.
+    """
+    lengths: list[int | None] = []
     for i in rows:
         row = dataset[i]
-        length = sequence_length(row.get("input_ids")) if isinstance(row, Mapping) else 0
-        lengths.append(length if max_length is None else min(length, max_length))
-    return sorted(range(len(rows)), key=lambda j: -lengths[j])
+        length = sequence_length(row["input_ids"]) if isinstance(row, Mapping) and "input_ids" in row else None
+        lengths.append(length if length is None or max_length is None else min(length, max_length))
+    keep = [j for j in range(len(rows)) if lengths[j] != 0]
+    return sorted(keep, key=lambda j: -(lengths[j] or 0))
 
 
 def is_numeric(value: Any) -> bool:
@@ -172,6 +271,14 @@ class PadCollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        for i, row in enumerate(rows):
+            length = sequence_length(row["input_ids"])
+            for key in TOKEN_COLUMNS:
+                if key in row and sequence_length(row[key]) != length:
+                    raise ValueError(
+                        f"row {i} of the batch: {key!r} has {sequence_length(row[key])} entries but 'input_ids' has "
+                        f"{length}; token columns must align with input_ids one entry per token"
+                    )
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)

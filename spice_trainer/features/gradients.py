@@ -63,6 +63,7 @@ from spice_trainer.features.batches import (
     pad_token_id,
     per_example_loss,
     prepare_row,
+    row_limits,
     unwrap_model,
 )
 
@@ -247,7 +248,9 @@ def compute_gradient_features(
 
     Raises:
         ValueError: no LoRA adapter, several active adapters without ``adapter_name``, a row without
-            ``input_ids``, a label outside the vocabulary (other than -100), ``feature_norm="adam"`` without
+            ``input_ids``, a bad row (`spice_trainer.features.batches.prepare_row`: ids outside the vocabulary,
+            -100 in input_ids, token columns of another length, more tokens than the model's positions; each
+            error names the row), a label outside the vocabulary (other than -100), ``feature_norm="adam"`` without
             an Adam optimizer, a padding-free collator, token-routed LoRA layers.
     """
     rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
@@ -283,7 +286,15 @@ def compute_gradient_features(
     # Batches of similar lengths waste little on padding. A row's features do not depend on which rows share
     # its batch, so the order is free: longest first (a batch that does not fit in memory fails at once).
     order = longest_first(dataset, rows, config.max_length)
-    batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
+    if len(order) < n:  # rows with an empty input_ids: nothing to measure, kept as rows without a supervised token
+        empty = sorted(set(range(n)) - set(order))
+        logger.warning(
+            "spice: %d rows have an empty input_ids (e.g. rows %s); they are never picked",
+            len(empty),
+            [rows[j] for j in empty[:5]],
+        )
+    limits = row_limits(model)
+    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     passes = len(batches) if lockstep is None else max(lockstep.batches, len(batches))
     bar = _progress(passes, show_progress and passes > 1)
     if adam_denoms is not None:
@@ -301,9 +312,11 @@ def compute_gradient_features(
                 batch: Mapping[str, Any] | None = None
                 failure: Exception | None = None
                 try:
-                    batch = collate(
-                        collator, [prepare_row(row, config.max_length) for row in _fetch(dataset, batch_rows)]
-                    )
+                    prepared = [
+                        prepare_row(row, config.max_length, index=i, limits=limits)
+                        for i, row in zip(batch_rows, _fetch(dataset, batch_rows), strict=True)
+                    ]
+                    batch = collate(collator, prepared)
                     check_batch_rows(batch, len(batch_rows))
                 except Exception as exc:
                     if lockstep is None:
