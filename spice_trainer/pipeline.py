@@ -15,6 +15,7 @@ returns the same `Selection`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -28,6 +29,7 @@ from spice_trainer.core.greedy import select_from_features
 from spice_trainer.core.selection import Selection
 from spice_trainer.distributed import comm as sd
 from spice_trainer.distributed.greedy import distributed_greedy
+from spice_trainer.features.fingerprint import content_fingerprint, dataset_fingerprint
 from spice_trainer.features.gradients import (
     GradientFeatures,
     Lockstep,
@@ -146,14 +148,11 @@ def select(
         )
     feature_seconds = time.perf_counter() - start
     eligible = eligible_rows(grads, config)
+    finite_features = torch.isfinite(grads.features).all(dim=1)
     non_finite = int((~torch.isfinite(grads.losses)).sum())
     no_tokens = int((grads.num_tokens == 0).sum())
-    if non_finite or no_tokens:
-        logger.warning(
-            "spice: %d rows have a non-finite loss and %d have no supervised token; they are never picked",
-            non_finite,
-            no_tokens,
-        )
+    bad_gradients = _non_finite_gradient_rows(grads.losses, grads.num_tokens, finite_features, eligible)
+    _warn_exclusions(non_finite, no_tokens, bad_gradients)
     selection = select_from_features(
         grads.features,
         config,
@@ -168,6 +167,7 @@ def select(
         )
     )
     selection.metadata["gradient_rows"] = n if measured is None else int(measured.sum())
+    selection.metadata["non_finite_gradient_rows"] = bad_gradients
     if feature_cache is not None:
         sqnorms = _sqnorms(grads.features)
         if measured is not None:
@@ -360,6 +360,8 @@ def _select_sharded(
     world, rank = sd.world_size(), sd.rank()
     main = rank == 0
     d = config.proj_dim
+    if world > 1:
+        check_ranks_agree(dataset)
 
     # A model sharded across ranks (FSDP2, ZeRO-3) gathers weights collectively in every forward and backward:
     # every rank runs the same number of passes, and the feature store (whose chunks differ per rank) is not used.
@@ -432,14 +434,12 @@ def _select_sharded(
     losses = sd.gather_rows(local_losses.float())
     num_tokens = sd.gather_rows(local_tokens.long())
     eligible = _eligible(losses, num_tokens, config)
+    finite_features = sd.gather_rows(torch.isfinite(local_feats).all(dim=1).long()).bool()
     non_finite = int((~torch.isfinite(losses)).sum())
     no_tokens = int((num_tokens == 0).sum())
-    if (non_finite or no_tokens) and main:
-        logger.warning(
-            "spice: %d rows have a non-finite loss and %d have no supervised token; they are never picked",
-            non_finite,
-            no_tokens,
-        )
+    bad_gradients = _non_finite_gradient_rows(losses, num_tokens, finite_features, eligible)
+    if main:
+        _warn_exclusions(non_finite, no_tokens, bad_gradients)
     strategy: sd.Strategy = sd.choose_strategy(n, d) if world > 1 else "gather"
     if strategy == "distributed" and config.greedy != "exact":
         if main:
@@ -475,6 +475,7 @@ def _select_sharded(
     selection.metadata.update(
         _round_metadata(selection, losses, num_tokens, eligible, non_finite, no_tokens, feature_seconds, start, config)
     )
+    selection.metadata["non_finite_gradient_rows"] = bad_gradients
     selection.metadata.update(
         {
             "distributed": {
@@ -579,3 +580,95 @@ def _mean_at(values: torch.Tensor, indices: Sequence[int]) -> float | None:
     if not indices:
         return None
     return float(values[torch.as_tensor(list(indices), dtype=torch.long)].double().mean())
+
+
+def _non_finite_gradient_rows(
+    losses: torch.Tensor, num_tokens: torch.Tensor, finite_features: torch.Tensor, eligible: torch.Tensor
+) -> int:
+    """Rows with a target and a finite loss whose gradient features are not finite (e.g. a bf16 backward that
+    overflowed), among those the loss guard left in: the greedy skips them, so they are counted here, once."""
+    measured = torch.isfinite(losses) & (num_tokens.to(losses.device) > 0)
+    return int((measured & eligible.to(losses.device) & ~finite_features.to(losses.device)).sum())
+
+
+def _warn_exclusions(non_finite: int, no_tokens: int, bad_gradients: int) -> None:
+    problems = [
+        (no_tokens, "have no supervised token (empty, or every label -100)"),
+        (non_finite - no_tokens, "have a non-finite loss"),
+        (bad_gradients, "have a finite loss but non-finite gradients (an overflow in the backward)"),
+    ]
+    said = [f"{count} {what}" for count, what in problems if count > 0]
+    if said:
+        logger.warning("spice: %s; they are never picked", "; ".join(said))
+
+
+def no_selection_message(selection: Selection, config: SpiceConfig, num_rows: int) -> str:
+    """Why a round picked no row, from its metadata (`_round_metadata`), with the fix for the main cause."""
+    meta = selection.metadata
+    no_tokens = int(meta.get("no_supervised_token_rows") or 0)
+    parts = [
+        (no_tokens, "have no supervised token", "check the labels (-100 marks tokens without loss)"),
+        (
+            int(meta.get("non_finite_loss_rows") or 0) - no_tokens,
+            "have a non-finite loss",
+            "check the model and data for overflow (load the model in float32 or bfloat16, not float16)",
+        ),
+        (
+            int(meta.get("non_finite_gradient_rows") or 0),
+            "have non-finite gradients",
+            "the backward overflows: load the model in float32, or use a lower learning rate",
+        ),
+        (
+            int(meta.get("solved_rows") or 0),
+            f"have a loss at or below min_loss={config.min_loss}",
+            "the model already solves them: lower min_loss (or set min_loss=None)",
+        ),
+        (
+            int(meta.get("loss_cap_rows") or 0),
+            f"are above the loss cap (max_loss_quantile={config.max_loss_quantile})",
+            "raise max_loss_quantile (or set it to None)",
+        ),
+    ]
+    listed = ", ".join(f"{count} {what}" for count, what, _ in parts if count > 0)
+    count, _, fix = max(parts, key=lambda p: p[0])
+    return (
+        f"SPICE selected no rows: none of the {num_rows} rows could be picked ({listed or 'no cause recorded'}); "
+        f"{fix if count > 0 else 'check the data and the model'}"
+    )
+
+
+def check_ranks_agree(dataset: Any) -> None:
+    """Every rank holds the same rows in the same order; else the same `ValueError` on every rank.
+
+    Each rank computes the features of its own shard of row indices, so a rank with another length, a shuffled
+    copy or other rows would attribute features to the wrong rows without any error. Compares the lengths, then
+    `dataset_fingerprint`; when only `datasets`' lineage fingerprints differ (the same rows built another way), the
+    rows themselves are hashed (`content_fingerprint`) before concluding.
+    """
+    n = len(dataset)
+    gathered = sd.all_gather_ints([n, *_hash_ints(dataset_fingerprint(dataset))])
+    lengths = [g[0] for g in gathered]
+    if len(set(lengths)) > 1:
+        per_rank = ", ".join(f"rank {r}: {count}" for r, count in enumerate(lengths))
+        raise ValueError(
+            f"the ranks hold training datasets of different lengths ({per_rank} rows), so a row index does not name "
+            "the same row on every rank; every rank must pass the same train_dataset (load and prepare it the same "
+            "way on every rank: the trainer shards the batches itself)"
+        )
+    if len({tuple(g[1:]) for g in gathered}) == 1:
+        return
+    content = sd.all_gather_ints(_hash_ints(content_fingerprint(dataset)))
+    if len({tuple(c) for c in content}) == 1:
+        return
+    differ = [r for r, c in enumerate(content) if c != content[0]]
+    raise ValueError(
+        f"the ranks hold different training data: the same length ({n} rows) but other rows or another order on "
+        f"rank(s) {differ} than on rank 0, so features would be attributed to the wrong rows; every rank must pass "
+        "the same train_dataset in the same order (no per-rank shuffle or filter: the trainer shards the batches)"
+    )
+
+
+def _hash_ints(fingerprint: str) -> list[int]:
+    """A fingerprint as three non-negative int64 values (for an all-gather)."""
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()
+    return [int(digest[i : i + 15], 16) for i in (0, 15, 30)]

@@ -1,8 +1,13 @@
-"""pipeline.select's single-process path: with a loss guard, losses first and gradients only of eligible rows."""
+"""pipeline.select: with a loss guard, losses first and gradients only of eligible rows (single process); ranks
+agree on their rows before they select (2 gloo ranks under torchrun)."""
+
+import json
+import re
 
 import pytest
 import torch
 import trainer_world as tw
+from test_distributed import torchrun
 
 from spice_trainer import SpiceConfig, select
 from spice_trainer.core.greedy import select_from_features
@@ -70,3 +75,27 @@ def test_without_a_guard_every_row_is_measured():
     got = select(model, data, config, show_progress=False)
     assert got.indices == ref.indices and got.gains == pytest.approx(ref.gains, rel=1e-6)
     assert torch.isfinite(full.features).sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("length", r"different lengths \(rank 0: 16, rank 1: 15 rows\)"),
+        ("shuffled", r"the same length \(16 rows\) but other rows or another order on rank\(s\) \[1\]"),
+        ("labels", r"the same length \(16 rows\) but other rows or another order on rank\(s\) \[1\]"),
+        ("rebuilt", None),
+    ],
+)
+def test_ranks_with_other_rows_raise_the_same_clear_error(tmp_path, case, expected):
+    # Before: both ranks returned a selection built from features attributed to the wrong rows.
+    out = tmp_path / "out"
+    out.mkdir()
+    torchrun("rank_mismatch.py", 2, str(out), case, timeout=180)
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
+    if expected is None:  # the same rows built another way: the content hashes agree, selection as usual
+        assert r0["error"] is None and r0 == r1 and len(r0["indices"]) == 4
+        return
+    assert r0 == r1 and r0["error"] == "ValueError", (r0, r1)
+    assert re.search(expected, r0["message"]), r0["message"]
+    assert "every rank must pass the same train_dataset" in r0["message"]
