@@ -16,7 +16,7 @@ dataset id, with rows ``{"prompt", "completion"}`` (loss on the completion), ``{
 ``{"text"}``.
 
 Afterwards ``callback.selected_rows`` are the rows of your dataset that were trained on;
-``OUTPUT_DIR/spice/round-N.json`` (and ``.png`` with matplotlib) hold each selection round
+``OUTPUT_DIR/_spice/round-N.json`` (and ``.png`` with matplotlib) hold each selection round
 (``spice-trainer report OUTPUT_DIR`` renders them), and the ``spice/...`` metrics are in the trainer's logs
 (TensorBoard / W&B with ``--report-to``).
 """
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         example = dataset[row]
         shown = {k: example[k] for k in ("prompt", "completion", "messages") if k in example}
         print(f"  row {row}: {json.dumps(shown, ensure_ascii=False)[:200]}")
-    reports = Path(opts.output_dir) / "spice"
+    reports = Path(opts.output_dir) / "_spice"
     files = sorted(p.name for p in reports.glob("round-*")) if reports.is_dir() else []
     print(f"reports in {reports}: {', '.join(files) or 'none'} (render with `spice-trainer report {opts.output_dir}`)")
 

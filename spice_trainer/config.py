@@ -120,7 +120,7 @@ class SpiceConfig:
         proxy_device (`str` or `None`, defaults to `None`):
             Device for the proxy model. `None` follows the target model.
         write_reports (`bool`, defaults to `True`):
-            Write ``output_dir/spice/round-N.json`` and a plot of the gain curves after each round.
+            Write ``output_dir/_spice/round-N.json`` and a plot of the gain curves after each round.
     """
 
     # --- budget and objective -------------------------------------------------------------

@@ -160,6 +160,6 @@ def test_the_example_trains_on_the_spice_subset_from_yaml_and_flags(tmp_path: Pa
     assert len(callback.selected_rows) == 6
     # num_train_epochs=1 over 6 selected rows in batches of 2: 3 optimizer steps, not 20 (the whole pool).
     assert trainer.state.global_step == math.ceil(6 / 2)
-    assert (out / "spice" / "round-0.json").is_file()
+    assert (out / "_spice" / "round-0.json").is_file()
     assert (out / "adapter_model.safetensors").is_file()
     assert len(rows) == 40

@@ -296,7 +296,7 @@ def _selection(n_picks: int, seed: int) -> Selection:
 
 
 def test_report_renders_rounds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rounds = tmp_path / "run" / "spice"
+    rounds = tmp_path / "run" / "_spice"
     sels = [_selection(5, 0), _selection(7, 1)]
     for i, sel in enumerate(sels):
         sel.save(rounds / f"round-{i}.json")
@@ -351,6 +351,6 @@ def test_demo_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     steps = {s: math.ceil(s.pool_size / DEMO_BATCH_SIZE) * s.epochs for s in (DEMO_QUICK, DEMO_FULL)}
     assert by_method["full"]["steps"] == steps[DEMO_QUICK] < steps[DEMO_FULL]
     # The callback ran inside SFTTrainer and wrote its round; the demo reports the rows it trained on.
-    round_file = out / "runs" / "spice" / "spice" / "round-0.json"
+    round_file = out / "runs" / "spice" / "_spice" / "round-0.json"
     assert by_method["spice"]["rows"] == len(Selection.load(round_file).selected)
     assert (out / "report.md").exists() and (out / "accuracy.png").exists()

@@ -2,7 +2,10 @@
 
 import itertools
 import json
+from pathlib import Path
 
+import datasets
+import huggingface_hub
 import pytest
 import torch
 import trainer_world as tw
@@ -10,7 +13,8 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
 from spice_trainer import Selection, SpiceConfig, SpiceDataCallback
-from spice_trainer.integrations.trainer import STATE_FILE
+from spice_trainer.integrations.state import CALLBACK_STATE_KEY, TRAINER_STATE_FILE, CheckpointStateError
+from spice_trainer.integrations.trainer import REPORT_DIR
 
 
 class StopAt(TrainerCallback):
@@ -28,8 +32,10 @@ def _train(tmp_path, config, *, data=None, model=None, stop_at=None, eval_datase
     data = data if data is not None else tw.dataset()
     collator = tw.RecordingCollator()
     callback = SpiceDataCallback(config)
+    model = model if model is not None else tw.model()
+    consumed = tw.Consumed(model)
     trainer = Trainer(
-        model=model if model is not None else tw.model(),
+        model=model,
         args=tw.args(tmp_path / "run", **arg_overrides),
         train_dataset=data,
         eval_dataset=eval_dataset,
@@ -37,6 +43,7 @@ def _train(tmp_path, config, *, data=None, model=None, stop_at=None, eval_datase
         callbacks=[callback] + ([StopAt(stop_at)] if stop_at else []),
     )
     trainer.train()
+    trainer.consumed = consumed
     return trainer, callback, collator, data
 
 
@@ -51,7 +58,7 @@ def test_dataloader_draws_only_the_selected_rows_and_steps_span_the_subset(tmp_p
     assert sorted(drawn[:8]) == sorted(selected) and sorted(drawn[8:]) == sorted(selected)
     # 8 rows / batch 4 = 2 batches per epoch, accumulated 2 at a time: 1 optimizer step per epoch.
     assert trainer.state.max_steps == 2 and trainer.state.global_step == 2
-    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0)  # linear decay ends at the last step
+    assert trainer.lr_scheduler.get_last_lr()[0] == 0.0  # linear decay ends at the last step: lr x 0 exactly
     # The selection is what the library selects offline on the same model and data.
     from spice_trainer import select
 
@@ -73,12 +80,12 @@ def test_first_selection_equals_offline_select(tmp_path):
 
 def test_reselection_fires_on_schedule_and_changes_what_is_drawn(tmp_path):
     config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2, mode="replace")
-    trainer, callback, collator, data = _train(tmp_path, config, num_train_epochs=4, learning_rate=5e-2)
+    trainer, callback, _, data = _train(tmp_path, config, num_train_epochs=4, learning_rate=5e-2)
     assert [r.step for r in callback.rounds] == [0, 2, 4, 6]  # the final step (8) selects nothing
     logged = [entry for entry in trainer.state.log_history if "spice/round" in entry]
     assert [entry["step"] for entry in logged] == [0, 2, 4, 6]
-    # Replay: each drawn row is the one the recorded history assigns to its position.
-    drawn = collator.drawn_rows(data)
+    # Replay: each row trained on is the one the recorded history assigns to its position.
+    drawn = trainer.consumed.rows(data)
     sampler = callback.sampler
     expected = [sampler.row_at(epoch, pos) for epoch in range(4) for pos in range(len(sampler))]
     assert drawn == expected
@@ -134,32 +141,102 @@ def test_training_after_selection_is_identical_to_training_on_the_indices_direct
         assert torch.equal(p, q), name
 
 
-def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
-    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=3)
-    common = {"num_train_epochs": 3, "save_strategy": "steps", "save_steps": 2, "learning_rate": 5e-2}
-    full, _, full_collator, data = _train(tmp_path / "full", config, **common)
-
-    # The interrupted run: same settings, stopped after step 4 (its checkpoint-4 holds the SPICE state).
-    _train(tmp_path / "cut", config, data=data, stop_at=4, **common)
-    checkpoint = tmp_path / "cut" / "run" / "checkpoint-4"
-    assert json.loads((checkpoint / STATE_FILE).read_text())["sampler"]["num_samples"] == 8
-
-    collator = tw.RecordingCollator()
+def _run(output_dir, config, data, *, resume=None, callbacks=(), **overrides):
+    """A Trainer run with SpiceDataCallback; returns (trainer, callback, consumed batches)."""
+    model = tw.model()
+    consumed = tw.Consumed(model)
     callback = SpiceDataCallback(config)
-    resumed = Trainer(
-        model=tw.model(),
-        args=tw.args(tmp_path / "cut" / "run", **common),
+    trainer = Trainer(
+        model=model,
+        args=tw.args(output_dir, **overrides),
         train_dataset=data,
-        data_collator=collator,
-        callbacks=[callback],
+        data_collator=tw.RecordingCollator(),
+        callbacks=[callback, *callbacks],
     )
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-    losses = lambda t: {e["step"]: e["loss"] for e in t.state.log_history if "loss" in e}  # noqa: E731
-    full_losses, resumed_losses = losses(full), losses(resumed)
-    assert {s: full_losses[s] for s in resumed_losses} == resumed_losses
-    assert max(resumed_losses) == full.state.global_step
-    # 8 rows / batch 4 = one batch per optimizer step: the resumed run draws the full run's batches 5 and 6.
-    assert collator.batches == full_collator.batches[4:]
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    return trainer, callback, consumed
+
+
+def _history(callback):
+    return [(s.round, s.epoch, s.position, s.rows) for s in callback.sampler.history]
+
+
+# (reselect_every_steps, gradient_accumulation_steps): schedules that share steps with save_steps=2.
+RESUME_CASES = [(2, 1), (3, 1), ((2, 5), 1), (2, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(("schedule", "accumulation"), RESUME_CASES)
+def test_resume_from_every_checkpoint_reproduces_the_uninterrupted_run(tmp_path, schedule, accumulation, workers):
+    # 16 selected rows, batch 2: 8 batches in the one epoch, so every round lands mid-epoch, where the dataloader
+    # has drawn ahead (1 batch without workers, 2 workers x 2 prefetched with); a checkpoint every 2 optimizer
+    # steps. A round at a checkpoint step is saved with that checkpoint; the batches drawn before it are not.
+    config = SpiceConfig(budget=0.5, stop_ratio=None, proj_dim=32, reselect_every_steps=schedule)
+    common = {
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": accumulation,
+        "learning_rate": 5e-2,
+        "dataloader_num_workers": workers,
+    }
+    data = tw.dataset()
+    full, full_callback, full_consumed = _run(
+        tmp_path / "full", config, data, save_strategy="steps", save_steps=2, **common
+    )
+    steps = full.state.global_step
+    assert steps == 8 // accumulation and len(full_callback.rounds) >= 2  # rounds happened
+    assert all(s.position > 0 for s in full_callback.sampler.history[1:])  # mid-epoch switches
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "full").glob("checkpoint-*"))
+    assert checkpoints == list(range(2, steps + 1, 2))
+    full_losses = tw.losses(full)
+    for k in checkpoints[:-1]:  # the last checkpoint is the end of training: nothing left to resume
+        resumed, callback, consumed = _run(
+            tmp_path / f"resume-{k}", config, data, resume=tmp_path / "full" / f"checkpoint-{k}", **common
+        )
+        # The resumed run trains exactly the batches the uninterrupted run trained after step k, with its losses.
+        assert consumed.batches == full_consumed.batches[k * accumulation :], f"checkpoint-{k}"
+        resumed_losses = tw.losses(resumed)
+        assert sorted(resumed_losses) == list(range(1, steps + 1))
+        later = range(k + 1, steps + 1)
+        assert [resumed_losses[s] for s in later] == [full_losses[s] for s in later], f"checkpoint-{k}"
+        assert _history(callback) == _history(full_callback)
+
+
+@pytest.mark.slow
+def test_a_subset_applies_from_what_the_trainer_consumed_whatever_the_workers(tmp_path):
+    # Prefetching (accelerate's look-ahead, workers x prefetch_factor) draws batches ahead of training; where a
+    # new subset applies must not depend on it.
+    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=3)
+    data = tw.dataset()
+    runs = []
+    for workers, prefetch in ((0, None), (2, 2), (2, 6)):
+        runs.append(
+            _run(
+                tmp_path / f"w{workers}-{prefetch}",
+                config,
+                data,
+                num_train_epochs=2,
+                per_device_train_batch_size=2,
+                learning_rate=5e-2,
+                dataloader_num_workers=workers,
+                dataloader_prefetch_factor=prefetch,
+            )
+        )
+    (base, base_callback, base_consumed), *others = runs
+    history = _history(base_callback)
+    # Independent of the library's counters: the round after step s applies from sample 2s (batch 2, one
+    # process, no accumulation, 8 samples per epoch): step 3 -> epoch 0 position 6, step 6 -> epoch 1 position 4.
+    assert [h[:3] for h in history] == [(0, 0, 0), (1, 0, 6), (2, 1, 4)]
+    rows = base_consumed.rows(data)
+    subsets = [set(h[3]) for h in history]
+    assert set(rows[:6]) <= subsets[0] and set(rows[6:12]) <= subsets[1] and set(rows[12:]) <= subsets[2]
+    for trainer, callback, consumed in others:
+        assert consumed.batches == base_consumed.batches
+        assert tw.losses(trainer) == tw.losses(base)
+        assert _history(callback) == history
+    # accelerate looks one batch ahead even without workers: each round found a batch drawn from the old subset.
+    assert base_callback.recollated_batches >= 1 and all(cb.recollated_batches >= 1 for _, cb, _ in others)
 
 
 def test_resume_with_a_changed_dataset_is_refused(tmp_path):
@@ -186,10 +263,161 @@ def test_resume_with_a_changed_dataset_is_refused(tmp_path):
         changed.train(resume_from_checkpoint=True)
 
 
+@pytest.mark.parametrize("kind", ["datasets", "list"])
+def test_resume_with_other_labels_or_a_row_outside_any_sample_is_refused(tmp_path, kind):
+    # The fingerprint covers every row and every column: one row's labels, or one row of 200 (the old check hashed
+    # the input_ids of 64 sampled rows), is enough to refuse.
+    rows = tw.rows(200)
+    as_data = (lambda r: datasets.Dataset.from_list(r)) if kind == "datasets" else list
+    config = SpiceConfig(budget=8, proj_dim=32)
+    _train(tmp_path, config, data=as_data(rows), max_steps=2, save_strategy="steps", save_steps=2)
+    relabelled = [dict(r) for r in rows]
+    labels = rows[101]["labels"]
+    relabelled[101] = {**rows[101], "labels": [*labels[:2], -100, *labels[3:]]}  # one more masked token
+    other_row = [dict(r) for r in rows]
+    other_row[137] = {"input_ids": rows[137]["input_ids"][:-1], "labels": rows[137]["labels"][:-1]}
+    for changed in (relabelled, other_row):
+        trainer = Trainer(
+            model=tw.model(),
+            args=tw.args(tmp_path / "run", max_steps=4),
+            train_dataset=as_data(changed),
+            data_collator=tw.RecordingCollator(),
+            callbacks=[SpiceDataCallback(config)],
+        )
+        with pytest.raises(ValueError, match="training dataset differs"):
+            trainer.train(resume_from_checkpoint=True)
+    same = Trainer(
+        model=tw.model(),
+        args=tw.args(tmp_path / "run", max_steps=4),
+        train_dataset=as_data([dict(r) for r in rows]),  # rebuilt, same rows: resumes
+        data_collator=tw.RecordingCollator(),
+        callbacks=[SpiceDataCallback(config)],
+    )
+    same.train(resume_from_checkpoint=True)
+    assert same.state.global_step == 4
+
+
+# --- checkpoints: the selection state is saved with the checkpoint ------------------------------------------
+
+
+class Killed(BaseException):
+    """A SIGKILL stand-in: not an Exception, so nothing may swallow it."""
+
+
+class KillAfterCheckpoint(TrainerCallback):
+    """Dies right after the trainer finished writing checkpoint ``step`` (and rotated old ones)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Killed(f"killed after checkpoint-{self.step}")
+
+
+def _trainer_state(checkpoint):
+    return json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+
+
+def test_checkpoints_carry_the_selection_state_in_trainer_state(tmp_path):
+    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=3)
+    _, callback, _ = _run(
+        tmp_path / "run", config, tw.dataset(), num_train_epochs=2, save_strategy="steps", save_steps=2
+    )
+    for step in (2, 4):
+        entry = _trainer_state(tmp_path / "run" / f"checkpoint-{step}")["stateful_callbacks"][CALLBACK_STATE_KEY]
+        saved = entry["spice"]
+        assert saved["version"] == 2 and saved["num_rows"] == 32
+        rounds_by_then = [r for r in callback.rounds if r.step <= step]
+        assert [r["step"] for r in saved["rounds"]] == [r.step for r in rounds_by_then]
+        assert len(saved["sampler"]["history"]) == len(rounds_by_then)
+    assert not list((tmp_path / "run").glob("checkpoint-*/spice_state.json"))
+
+
+def test_a_kill_right_after_a_checkpoint_still_resumes_exactly(tmp_path):
+    # The kill comes in on_save, after the trainer wrote checkpoint-4 and rotated the older ones: a state written
+    # by the callback's own on_save (after this one) would be missing from checkpoint-4.
+    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2)
+    common = {"num_train_epochs": 3, "learning_rate": 5e-2, "save_strategy": "steps", "save_steps": 2}
+    data = tw.dataset()
+    full, _, full_consumed = _run(tmp_path / "full", config, data, **common)
+    model = tw.model()
+    callbacks = [KillAfterCheckpoint(4), SpiceDataCallback(config)]
+    cut = Trainer(
+        model=model,
+        args=tw.args(tmp_path / "cut", save_total_limit=1, **common),
+        train_dataset=data,
+        data_collator=tw.RecordingCollator(),
+        callbacks=callbacks,
+    )
+    with pytest.raises(Killed):
+        cut.train()
+    assert [p.name for p in (tmp_path / "cut").glob("checkpoint-*")] == ["checkpoint-4"]  # rotation ran
+    resumed, _, consumed = _run(tmp_path / "resumed", config, data, resume=tmp_path / "cut" / "checkpoint-4", **common)
+    assert consumed.batches == full_consumed.batches[4:]
+    assert {s: v for s, v in tw.losses(resumed).items() if s > 4} == {s: v for s, v in tw.losses(full).items() if s > 4}
+
+
+def test_a_checkpoint_of_a_spice_run_without_its_state_is_an_error(tmp_path):
+    config = SpiceConfig(budget=0.25, proj_dim=32)
+    _run(tmp_path / "run", config, tw.dataset(), max_steps=4, save_strategy="steps", save_steps=2)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    trainer_state = _trainer_state(checkpoint)
+    del trainer_state["stateful_callbacks"][CALLBACK_STATE_KEY]
+    (checkpoint / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state))
+    trainer = Trainer(
+        model=tw.model(),
+        args=tw.args(tmp_path / "again", max_steps=4),
+        train_dataset=tw.dataset(),
+        data_collator=tw.RecordingCollator(),
+        callbacks=[SpiceDataCallback(config)],
+    )
+    with pytest.raises(CheckpointStateError, match=r"checkpoint-2.* with SpiceDataCallback .*holds no selection state"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 0
+
+
+def test_resuming_a_run_without_the_callback_is_an_error_not_zero_steps(tmp_path):
+    plain = Trainer(
+        model=tw.model(),
+        args=tw.args(tmp_path / "plain", max_steps=4, save_strategy="steps", save_steps=2),
+        train_dataset=tw.dataset(),
+        data_collator=tw.RecordingCollator(),
+    )
+    plain.train()
+    trainer = Trainer(
+        model=tw.model(),
+        args=tw.args(tmp_path / "plain", num_train_epochs=2),
+        train_dataset=tw.dataset(),
+        data_collator=tw.RecordingCollator(),
+        callbacks=[SpiceDataCallback(SpiceConfig(budget=0.25, proj_dim=32))],
+    )
+    with pytest.raises(CheckpointStateError, match=r"checkpoint-4.* without SpiceDataCallback.*new run"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_restore_callback_states_from_checkpoint_keeps_the_live_callback(tmp_path):
+    # transformers rebuilds exportable callbacks from the checkpoint when asked to; SpiceDataCallback stays itself.
+    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2)
+    common = {"num_train_epochs": 2, "learning_rate": 5e-2, "save_strategy": "steps", "save_steps": 2}
+    data = tw.dataset()
+    _, _, full_consumed = _run(tmp_path / "full", config, data, **common)
+    resumed, callback, consumed = _run(
+        tmp_path / "resumed",
+        config,
+        data,
+        resume=tmp_path / "full" / "checkpoint-2",
+        restore_callback_states_from_checkpoint=True,
+        **common,
+    )
+    assert [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, SpiceDataCallback)] == [callback]
+    assert consumed.batches == full_consumed.batches[2:]
+
+
 def test_reports_and_logs(tmp_path):
     config = SpiceConfig(budget=0.25, proj_dim=32)
     trainer, callback, _, _ = _train(tmp_path, config, max_steps=1)
-    folder = tmp_path / "run" / "spice"
+    folder = tmp_path / "run" / REPORT_DIR
     loaded = Selection.load(folder / "round-0.json")
     assert loaded.indices == callback.selection.indices
     assert (folder / "round-0.png").stat().st_size > 0
@@ -265,18 +493,159 @@ def test_rows_of_a_user_dataset_with_its_own_index_mapping(tmp_path):
     assert set(collator.drawn_rows(data)) == set(callback.selected_rows)
 
 
-def test_callback_added_after_construction(tmp_path):
-    data = tw.dataset()
-    late = Trainer(model=tw.model(), args=tw.args(tmp_path / "late", max_steps=1), train_dataset=data)
-    late.add_callback(SpiceDataCallback(SpiceConfig(budget=0.25, proj_dim=32)))
-    with pytest.raises(RuntimeError, match=r"callback.attach\(trainer\)"):
-        late.train()  # training on the full dataset instead of the subset is refused, not silent
+# --- how the callback joins a trainer ---------------------------------------------------------------------
 
-    collator = tw.RecordingCollator()
-    attached = Trainer(
-        model=tw.model(), args=tw.args(tmp_path / "attached", max_steps=1), train_dataset=data, data_collator=collator
+
+def _batches_of(way, tmp_path, config, data):
+    """Train with the callback added ``way``; the batches trained on and the losses."""
+    model = tw.model()
+    consumed = tw.Consumed(model)
+    callback = SpiceDataCallback(config)
+    kwargs = {"callbacks": [callback]} if way == "callbacks" else {}
+    trainer = Trainer(
+        model=model,
+        args=tw.args(tmp_path / way, num_train_epochs=2, learning_rate=5e-2),
+        train_dataset=data,
+        data_collator=tw.RecordingCollator(),
+        **kwargs,
     )
-    callback = SpiceDataCallback(SpiceConfig(budget=0.25, proj_dim=32)).attach(attached)
-    attached.train()
-    assert callback in attached.callback_handler.callbacks
-    assert set(collator.drawn_rows(data)) <= set(callback.selected) and len(callback.selected) == 8
+    if way == "add_callback":
+        trainer.add_callback(callback)
+    elif way == "attach_then_add":
+        callback.attach(trainer)
+        trainer.add_callback(callback)  # the same instance twice: added once
+    elif way == "add_then_attach":
+        trainer.add_callback(callback)
+        callback.attach(trainer)
+    trainer.train()
+    assert [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SpiceDataCallback)] == [callback]
+    return consumed.batches, tw.losses(trainer), [r.step for r in callback.rounds]
+
+
+def test_add_callback_works_like_the_callbacks_list_in_any_order(tmp_path):
+    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2)
+    data = tw.dataset()
+    reference = _batches_of("callbacks", tmp_path, config, data)
+    assert reference[2] == [0, 2]  # two epochs of 2 steps: rounds at steps 0 and 2
+    for way in ("add_callback", "attach_then_add", "add_then_attach"):
+        assert _batches_of(way, tmp_path, config, data) == reference, way
+
+
+def test_what_cannot_work_raises_at_add_callback(tmp_path):
+    data = tw.dataset()
+    grouped = Trainer(
+        model=tw.model(), args=tw.args(tmp_path, train_sampling_strategy="group_by_length"), train_dataset=data
+    )
+    callback = SpiceDataCallback(SpiceConfig(budget=0.25, proj_dim=32))
+    with pytest.raises(ValueError, match="group_by_length"):
+        grouped.add_callback(callback)
+    assert callback not in grouped.callback_handler.callbacks and callback.trainer is None
+    sgd = Trainer(model=tw.model(), args=tw.args(tmp_path, optim="sgd"), train_dataset=data)
+    with pytest.raises(ValueError, match=r"feature_norm='adam' .*SGD .*optim='adamw_torch'"):
+        sgd.add_callback(SpiceDataCallback(SpiceConfig(feature_norm="adam", proj_dim=32)))
+    trainer = Trainer(model=tw.model(), args=tw.args(tmp_path), train_dataset=data)
+    trainer.add_callback(SpiceDataCallback(SpiceConfig(budget=0.25, proj_dim=32)))
+    with pytest.raises(ValueError, match="already has a SpiceDataCallback"):
+        trainer.add_callback(SpiceDataCallback(SpiceConfig(budget=0.5, proj_dim=32)))
+    assert sum(isinstance(cb, SpiceDataCallback) for cb in trainer.callback_handler.callbacks) == 1
+
+
+def test_a_callback_belongs_to_one_trainer(tmp_path):
+    config = SpiceConfig(budget=0.25, proj_dim=32)
+    _, callback, _, _ = _train(tmp_path / "first", config, max_steps=1)
+    for build in (
+        lambda: Trainer(model=tw.model(), args=tw.args(tmp_path), train_dataset=tw.dataset(16), callbacks=[callback]),
+        lambda: Trainer(model=tw.model(), args=tw.args(tmp_path), train_dataset=tw.dataset(16)).add_callback(callback),
+    ):
+        with pytest.raises(ValueError, match="already belongs to another Trainer"):
+            build()
+
+
+def test_a_second_train_is_a_new_run_with_every_scheduled_round(tmp_path):
+    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2)
+    model = tw.model()
+    consumed = tw.Consumed(model)
+    callback = SpiceDataCallback(config)
+    trainer = Trainer(
+        model=model,
+        args=tw.args(tmp_path, num_train_epochs=2, learning_rate=5e-2),
+        train_dataset=tw.dataset(),
+        data_collator=tw.RecordingCollator(),
+        callbacks=[callback],
+    )
+    trainer.train()
+    first_rounds, first_selection = list(callback.rounds), callback.selection
+    trained_first = len(consumed.batches)
+    trainer.train()  # selects afresh on the trained model; the round at step 2 (the first run's last) still runs
+    assert [r.step for r in first_rounds] == [r.step for r in callback.rounds] == [0, 2]
+    assert callback.rounds[0] is not first_rounds[0] and callback.selection is not first_selection
+    # The second run's own log holds both of its rounds (trainer.state starts afresh with each train()).
+    assert [e["step"] for e in trainer.state.log_history if "spice/round" in e] == [0, 2]
+    assert len(callback.sampler.history) == 2 and callback.sampler.history[1].round == 1
+    assert len(consumed.batches) == 2 * trained_first and trainer.state.global_step == 4
+
+
+# --- where the reports go ---------------------------------------------------------------------------------
+
+
+def test_reports_stay_out_of_the_model_repo_push_to_hub_uploads(tmp_path, monkeypatch):
+    # What Trainer.push_to_hub would upload, by the trainer's own call: its folder and ignore_patterns, filtered as
+    # huggingface_hub's upload_folder does (no network: the upload itself is intercepted).
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kwargs: calls.append(kwargs))
+    trainer, _, _, _ = _train(tmp_path, SpiceConfig(budget=0.25, proj_dim=32), max_steps=2)
+    assert (tmp_path / "run" / REPORT_DIR / "round-0.json").is_file()
+    trainer.hub_model_id = "someone/spice-model"  # an existing repo: push_to_hub skips creating one
+    trainer.push_to_hub(blocking=True)
+    (call,) = calls
+    files = [p.relative_to(call["folder_path"]).as_posix() for p in Path(call["folder_path"]).rglob("*") if p.is_file()]
+    uploaded = list(huggingface_hub.utils.filter_repo_objects(files, ignore_patterns=call["ignore_patterns"]))
+    assert "adapter_model.safetensors" in uploaded or "model.safetensors" in uploaded
+    assert not [f for f in uploaded if "spice" in f], uploaded
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_from_reselection_checkpoints_like_the_uninterrupted_run(tmp_path):
+    # Under torchrun with 2 gloo ranks the subset switch is placed by accelerate's sharded batch layout; the
+    # round at step 2 lands mid-epoch (12 rows, 2 per device on 2 ranks: 3 steps per epoch), where each rank's
+    # dataloader has already drawn its next batch from the old subset.
+    from test_distributed import torchrun
+
+    settings = json.dumps({"budget": 12, "stop_ratio": None, "reselect_every_steps": 2})
+    full = tmp_path / "full"
+    full.mkdir()
+    torchrun("trainer_run.py", 2, str(full), settings, "3", "none", "2")
+    runs = {r: json.loads((full / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert [h[:3] for h in runs[0]["history"]][:2] == [[0, 0, 0], [1, 0, 8]]  # step 2 = 2 x 2 x 2 samples in
+    for k in (2, 4):
+        out = tmp_path / f"resume-{k}"
+        out.mkdir()
+        torchrun("trainer_run.py", 2, str(out), settings, "3", "none", "0", str(full / "trainer" / f"checkpoint-{k}"))
+        for rank in (0, 1):
+            resumed = json.loads((out / f"rank{rank}.json").read_text())
+            assert resumed["trained"] == runs[rank]["trained"][k:], (k, rank)
+            assert resumed["history"] == runs[rank]["history"]
+            later = {s: v for s, v in runs[rank]["losses"].items() if int(s) > k}
+            assert {s: v for s, v in resumed["losses"].items() if int(s) > k} == later and later
+
+
+@pytest.mark.slow
+def test_resume_with_cheap_reselection_reproduces_the_uninterrupted_run(tmp_path):
+    # reselect_shortlist: later rounds measure a shortlist chosen from the memory of earlier rounds; the
+    # checkpoint carries that memory (spice_feature_cache.pt, its checksum in trainer_state.json).
+    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2, reselect_shortlist=0.5)
+    common = {"num_train_epochs": 2, "per_device_train_batch_size": 2, "learning_rate": 5e-2}
+    data = tw.dataset()
+    full, full_callback, full_consumed = _run(
+        tmp_path / "full", config, data, save_strategy="steps", save_steps=2, **common
+    )
+    assert full_callback.rounds[1].step == 2 and len(full_callback.rounds) >= 3
+    for k in (2, 4):
+        assert (tmp_path / "full" / f"checkpoint-{k}" / "spice_feature_cache.pt").is_file()
+        resumed, callback, consumed = _run(
+            tmp_path / f"resume-{k}", config, data, resume=tmp_path / "full" / f"checkpoint-{k}", **common
+        )
+        assert consumed.batches == full_consumed.batches[k:]
+        assert _history(callback) == _history(full_callback)
+        later = range(k + 1, full.state.global_step + 1)
+        assert [tw.losses(resumed)[s] for s in later] == [tw.losses(full)[s] for s in later]

@@ -155,7 +155,7 @@ def test_example_script_runs_offline(tmp_path, capsys):
     out = tmp_path / "out"
     module.main(["--output-dir", str(out), "--toy-rows", "48", "--epochs", "1", "--budget", "8"])
     assert "trained on 8 of 48 rows" in capsys.readouterr().out
-    assert (out / "spice" / "round-0.json").is_file()
+    assert (out / "_spice" / "round-0.json").is_file()
 
 
 def test_a_round_is_seen_on_the_console_in_the_metrics_and_in_tensorboard(tmp_path, caplog):
@@ -185,9 +185,10 @@ def test_a_round_is_seen_on_the_console_in_the_metrics_and_in_tensorboard(tmp_pa
 
     # Throughput counts the rows drawn (6 per epoch), not the 24-row dataset.
     (final,) = [h for h in trainer.state.log_history if "train_samples_per_second" in h]
-    samples = final["train_samples_per_second"] * final["train_runtime"]
+    speed, runtime = final["train_samples_per_second"], final["train_runtime"]
     drawn = len(recorder.drawn_rows(trainer.train_dataset))
-    assert drawn == 6 and samples == pytest.approx(drawn, rel=0.05)
+    # transformers rounds the runtime to 4 decimals and the speed to 3: their product is within that rounding.
+    assert drawn == 6 and abs(speed * runtime - drawn) <= 5e-4 * runtime + 5e-5 * speed + 2.5e-8
 
     # The selection as a dataset of the user's rows, with the round's numbers.
     chosen = selection.to_dataset(data)

@@ -451,7 +451,7 @@ def test_rounds_select_through_the_proxy_end_to_end_with_a_real_trainer(tmp_path
     assert drawn == [sampler.row_at(e, p) for e in range(3) for p in range(len(sampler))]
     # Each later round first refreshed the proxy on the distinct rows drawn since the previous round (from the
     # previous switch's position to this one's), one step per T · picks_per_pool = 4 of them.
-    reports = [_read_json(tmp_path / "run" / "spice" / f"round-{i}.json") for i in range(3)]
+    reports = [_read_json(tmp_path / "run" / "_spice" / f"round-{i}.json") for i in range(3)]
     assert reports[0]["metadata"]["proxy"]["trained_rows"] == 0
     for r in (1, 2):
         lo, hi = (history[r - 1].epoch, history[r - 1].position), (history[r].epoch, history[r].position)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import trainer_world as tw
+from float_bounds import assert_within, float64_reference, gamma
 from transformers import Trainer
 
 from spice_trainer import Selection, SpiceConfig, SpiceDataCallback, select, select_from_features
@@ -109,10 +110,11 @@ def test_fully_masked_rows_are_never_picked_counted_and_reported():
 def test_max_length_truncates_the_gradient_pass():
     rows = [{"input_ids": r["input_ids"] * 3, "labels": r["labels"] * 3} for r in tw.rows(6)]
     cut = [{"input_ids": r["input_ids"][:8], "labels": r["labels"][:8]} for r in rows]
-    model = tw.model()
+    model = tw.model().double()  # float64: the only float32 arithmetic is the pass's own (float_bounds.py)
     truncated = _feats(model, rows, CFG.with_changes(max_length=8))
     reference = _feats(model, cut)  # independent: rows cut by hand
-    torch.testing.assert_close(truncated.features, reference.features, rtol=1e-5, atol=1e-6)
+    _, bound = float64_reference(model, cut, CFG)
+    assert_within(truncated.features, reference.features, 2 * bound)  # both within the bound of the exact ones
     assert truncated.num_tokens.tolist() == reference.num_tokens.tolist()
     assert not torch.allclose(_feats(model, rows).features, truncated.features)
 
@@ -120,9 +122,10 @@ def test_max_length_truncates_the_gradient_pass():
 def test_a_duplicate_row_adds_only_what_its_twin_left_unexplained():
     rows = tw.rows(12)
     data = [*rows, dict(rows[3])]  # row 12 duplicates row 3
-    model = tw.model()
+    model = tw.model().double()
     feats = _feats(model, data, CFG.with_changes(proj_dim=64)).features.double()
-    torch.testing.assert_close(feats[12], feats[3], rtol=1e-5, atol=1e-6)
+    _, bound = float64_reference(model, [rows[3]], CFG.with_changes(proj_dim=64))
+    assert_within(feats[12:13], feats[3:4], 2 * bound)  # the same row, in another batch position
     config = CFG.with_changes(budget=13, proj_dim=64)
     sel = select_from_features(feats, config)
     order = sel.indices
@@ -169,7 +172,7 @@ def test_frozen_adapter_still_gives_features_and_flags_are_restored():
 def test_a_row_with_a_non_finite_loss_is_skipped_counted_and_never_picked(poison):
     # Token 6 ('<|system|>') never occurs in tw.rows; its embedding is poisoned, so only row 4's logits
     # (from that token on) are non-finite, as when a model overflows on one row.
-    model = tw.model()
+    model = tw.model().double()
     with torch.no_grad():
         model.get_input_embeddings().weight[6] = poison
     rows = tw.rows(10)
@@ -181,7 +184,8 @@ def test_a_row_with_a_non_finite_loss_is_skipped_counted_and_never_picked(poison
     grads = _feats(model, rows)
     clean = _feats(model, [r for i, r in enumerate(rows) if i != 4])
     keep = [i for i in range(10) if i != 4]
-    torch.testing.assert_close(grads.features[keep], clean.features, rtol=1e-4, atol=1e-6)
+    _, bound = float64_reference(model, [rows[i] for i in keep], CFG)
+    assert_within(grads.features[keep], clean.features, 2 * bound)
     assert not torch.isfinite(grads.losses[4]) and torch.isnan(grads.features[4]).all()
 
 
@@ -226,8 +230,10 @@ def test_a_huge_gradient_outlier_unit_norm_versus_paper():
     model, rows = tw.model(), tw.rows(16)
     raw = _feats(model, rows, CFG.with_changes(feature_norm="none")).features
     unit = _feats(model, rows, CFG.with_changes(feature_norm="unit")).features
-    # "unit" is scale-free: a row scaled ×1e6 normalises to the same unit vector as the original.
-    torch.testing.assert_close(unit, raw / raw.norm(dim=1, keepdim=True), rtol=1e-5, atol=1e-6)
+    # "unit" is scale-free: a row scaled ×1e6 normalises to the same unit vector as the original. Both sides
+    # normalise the same float32 vector in float32: each within gamma_{d+2} (relative) of the exact unit vector.
+    expected = raw / raw.norm(dim=1, keepdim=True)
+    assert bool(((unit - expected).abs() <= 2 * gamma(32 + 2) * expected.abs()).all())
     baseline = select_from_features(unit, SpiceConfig(budget=4, stop_ratio=None))
     row = next(i for i in range(16) if i not in baseline.indices)  # a row unit norm does not pick
     scaled = raw.clone()
@@ -237,7 +243,103 @@ def test_a_huge_gradient_outlier_unit_norm_versus_paper():
     # The paper preset (raw gradients, no loss guard) takes the outlier first: Δ = log(1 + α‖g‖²) is huge.
     paper = select_from_features(scaled, SpiceConfig.paper(budget=4))
     assert paper.indices[0] == row
-    assert paper.gains[0] == pytest.approx(math.log1p(float(scaled[row].double().norm() ** 2)), rel=1e-6)
+    # s = ‖g‖² of the float32 row carries at most gamma_d (relative) of float32 error, so log1p(s) at most gamma_d.
+    assert abs(paper.gains[0] - math.log1p(float(scaled[row].double().norm() ** 2))) <= gamma(32 + 1)
+
+
+# --- messages that name the real cause ------------------------------------------------------------------
+
+
+def test_when_min_loss_excludes_every_row_the_error_names_min_loss(tmp_path):
+    # Every row of a fresh model has a loss far below 100: the guard, not the labels, left nothing to pick.
+    trainer, callback, *_ = _trainer(tmp_path, CFG.with_changes(budget=0.25, min_loss=100.0), max_steps=2)
+    with pytest.raises(
+        ValueError, match=r"none of the 32 rows could be picked \(32 have a loss at or below min_loss=100"
+    ):
+        trainer.train()
+    with pytest.raises(ValueError, match="lower min_loss"):
+        trainer.train()
+    assert callback.sampler is None and trainer.state.global_step == 0
+
+
+def test_rows_without_a_target_are_counted_once():
+    rows = tw.rows(12)
+    for i in (2, 5, 9):
+        rows[i] = {**rows[i], "labels": [-100] * len(rows[i]["labels"])}
+    sel = select(tw.model(), rows, CFG.with_changes(budget=4, min_loss=None), show_progress=False)
+    meta = sel.metadata
+    assert meta["no_supervised_token_rows"] == 3 and meta["non_finite_loss_rows"] == 3  # no target, so no loss
+    assert meta["loss_guard_excluded"] == 0 and meta["non_finite_gradient_rows"] == 0  # was -3
+    # With the guard on: independent count of the rows with a target and a loss at or below min_loss.
+    model = tw.model()
+    losses = compute_gradient_features(model, rows, CFG, show_progress=False).losses
+    floor = float(losses[torch.isfinite(losses)].median())
+    guarded = select(model, rows, CFG.with_changes(budget=3, min_loss=floor), show_progress=False).metadata
+    assert guarded["loss_guard_excluded"] == int((torch.isfinite(losses) & (losses <= floor)).sum()) >= 4
+
+
+class _OverflowInBackward(torch.autograd.Function):
+    """Identity in the forward; in the backward the gradient of one batch row becomes inf, as when a bf16
+    backward exceeds its range for one row while that row's forward (and loss) stay finite."""
+
+    @staticmethod
+    def forward(ctx, hidden, row):
+        ctx.row = row
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        grad[ctx.row] = float("inf")
+        return grad, None
+
+
+def test_rows_with_non_finite_gradients_are_counted_and_never_picked():
+    model = tw.model().to(torch.bfloat16)
+    rows = tw.rows(10)
+    rows[4] = {
+        "input_ids": [*rows[4]["input_ids"], 9, 10, 11, 12, 13, 14],
+        "labels": [*rows[4]["labels"], 9, 10, 11, 12, 13, 14],
+    }
+    assert max(len(r["input_ids"]) for i, r in enumerate(rows) if i != 4) < len(rows[4]["input_ids"])
+    layer = model.get_base_model().model.layers[0]
+
+    calls = []
+
+    def overflow(module, args, output):
+        # Longest first: dataset row 4 is row 0 of the first batch (the first forward of the gradient pass).
+        calls.append(1)
+        if len(calls) == 1 and torch.is_grad_enabled():
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = _OverflowInBackward.apply(hidden, 0)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return output
+
+    handle = layer.register_forward_hook(overflow)
+    try:
+        sel = select(model, rows, CFG.with_changes(budget=10, min_loss=None), show_progress=False)
+    finally:
+        handle.remove()
+    assert sel.metadata["non_finite_gradient_rows"] == 1 and sel.metadata["non_finite_loss_rows"] == 0
+    assert 4 not in sel.indices and sel.skipped == [4]
+
+
+def test_feature_norm_adam_with_an_optimizer_without_second_moments_fails_when_the_trainer_is_built(tmp_path):
+    for optim in ("sgd", "adafactor"):
+        with pytest.raises(ValueError, match=rf"feature_norm='adam' .*optim='{optim}'.*feature_norm='unit'"):
+            _trainer(tmp_path, CFG.with_changes(feature_norm="adam", reselect_every_steps=1), optim=optim)
+    built, *_ = _trainer(tmp_path, CFG.with_changes(feature_norm="adam", budget=0.25), optim="adamw_torch", max_steps=1)
+    built.train()  # an Adam optimizer: fine (the first round uses unit norm, later ones Adam's moments)
+
+
+def test_drop_last_with_a_subset_smaller_than_a_batch_names_the_subset(tmp_path):
+    with pytest.raises(ValueError, match=r"the budget allows at most 3 rows, fewer than one batch .*= 4\)"):
+        _trainer(tmp_path, CFG.with_changes(budget=3), dataloader_drop_last=True, max_steps=2)
+    # Early stopping can leave fewer rows than the budget: named once the round has run.
+    stops_early = CFG.with_changes(budget=8, stop_ratio=0.999, feature_norm="unit")
+    trainer, *_ = _trainer(tmp_path, stops_early, dataloader_drop_last=True, max_steps=2)
+    with pytest.raises(ValueError, match=r"SPICE selected [1-3] rows, fewer than one batch"):
+        trainer.train()
 
 
 # --- config ---------------------------------------------------------------------------------------------
@@ -361,7 +463,7 @@ def test_killed_inside_a_round_resumes_like_the_uninterrupted_run(tmp_path):
 def test_reports_that_cannot_be_written_do_not_stop_training(tmp_path, monkeypatch, caplog, fault):
     if fault == "spice_is_a_file":
         tmp_path.mkdir(exist_ok=True)
-        (tmp_path / "spice").write_text("not a folder")
+        (tmp_path / "_spice").write_text("not a folder")
     else:
 
         def full_disk(self, path):
@@ -386,7 +488,10 @@ def test_same_seed_same_selection_across_runs_and_batch_sizes():
     runs = [select(tw.model(), rows, config.with_changes(batch_size=b), show_progress=False) for b in (8, 8, 1)]
     assert runs[0].indices == runs[1].indices and runs[0].gains == runs[1].gains  # bit-identical reruns
     assert runs[2].indices == runs[0].indices  # batch size changes only float rounding
-    assert runs[2].gains == pytest.approx(runs[0].gains, rel=1e-4)
+    # ... within the float32 bound of the pass (float64 model: float_bounds.py), whatever the batch size.
+    model = tw.model().double()
+    by_size = [_feats(model, rows, config.with_changes(batch_size=b)).features for b in (8, 1)]
+    assert_within(by_size[0], by_size[1], 2 * float64_reference(model, rows, config).bound)
     other = select(tw.model(), rows, config.with_changes(seed=7), show_progress=False)
     assert other.indices != runs[0].indices or other.gains != runs[0].gains  # the seed is used
 

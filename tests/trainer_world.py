@@ -72,3 +72,34 @@ class RecordingCollator:
         """The dataset rows drawn, in order."""
         index = {tuple(row["input_ids"]): i for i, row in enumerate(data)}
         return [index[ids] for batch in self.batches for ids in batch]
+
+
+class Consumed:
+    """Records the rows of every batch the model *trains* on: a forward pre-hook, training mode only.
+
+    What the trainer consumed, not what the dataloader drew or the collator built (prefetched batches are built
+    ahead, and a batch drawn before a subset switch is re-collated before training). SPICE's gradient pass runs the
+    model in eval mode, so it is not recorded.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.batches: list[list[tuple[int, ...]]] = []
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        self.batches.append([tuple(int(t) for t in row[m.bool()]) for row, m in zip(ids, mask, strict=True)])
+
+    def rows(self, data: Any) -> list[int]:
+        """The dataset rows trained on, in order."""
+        index = {tuple(row["input_ids"]): i for i, row in enumerate(data)}
+        return [index[ids] for batch in self.batches for ids in batch]
+
+
+def losses(trainer: Any) -> dict[int, float]:
+    """The training loss logged at each step."""
+    return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}

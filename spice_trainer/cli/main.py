@@ -236,7 +236,7 @@ def build_parser(select_config: dict[str, Any] | None = None) -> argparse.Argume
     rep = commands.add_parser(
         "report",
         help="render a markdown report from saved selection rounds",
-        description="Render report.md and per-round plots from DIR/spice/round-*.json (SpiceDataCallback), "
+        description="Render report.md and per-round plots from DIR/_spice/round-*.json (SpiceDataCallback), "
         "DIR/round-*.json, DIR/selection.json or one selection file.",
     )
     rep.add_argument("dir", help="a training output_dir, a folder of rounds, or a selection .json file")

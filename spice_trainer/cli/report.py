@@ -27,7 +27,7 @@ def find_selections(path: str | Path) -> list[Path]:
         raise CliError(f"report: no such file or folder: {path}")
     if path.is_file():
         return [path]
-    for folder in (path / "spice", path):
+    for folder in (path / "_spice", path / "spice", path):
         rounds = sorted(folder.glob("round-*.json"), key=_round_number)
         if rounds:
             return rounds

@@ -233,7 +233,7 @@ def select_as_sft_trainer(
         tokenizer: its tokenizer (the chat template is used for conversational rows).
         dataset: the rows as the user has them.
         config: the `SpiceConfig`.
-        output_dir: the trainer's ``output_dir`` (round reports go to ``output_dir/spice/`` when
+        output_dir: the trainer's ``output_dir`` (round reports go to ``output_dir/_spice/`` when
             ``config.write_reports``).
         max_length: `SFTConfig.max_length` (TRL's default 1024; ``None`` keeps rows whole).
         show_progress: progress bars over the gradient pass and the greedy.

@@ -32,7 +32,7 @@ __all__ = ["PROXY_STATE_FILE", "ProxyRounds"]
 
 
 class _SamplerLike(Protocol):
-    def drawn_position(self) -> tuple[int, int]: ...
+    def consumed_position(self) -> tuple[int, int]: ...
 
     def row_at(self, epoch: int, position: int) -> int: ...
 
@@ -47,7 +47,7 @@ class ProxyRounds:
     ``rounds(model, dataset, config, collator, show_progress=..., initial=..., reference_gain=...,
     optimizer=...)`` with the trainer's live ``model``):
 
-    1. refresh: the rows the sampler yielded since the previous round (deduplicated, in draw order) are
+    1. refresh: the rows the trainer consumed since the previous round (deduplicated, in draw order) are
        cut into groups of ``T · picks_per_pool`` rows — the paper's one step per ``T`` pools' picks — and
        the proxy takes one `ProxyModel.refresh` step per group;
     2. agreement: `proxy_agreement` between the proxy and the live model on the seeded probe (skipped under
@@ -59,7 +59,7 @@ class ProxyRounds:
     ``spice/proxy_overlap``.
 
     Args:
-        callback: the `SpiceDataCallback` (its ``sampler`` tells what was drawn).
+        callback: the `SpiceDataCallback` (its ``sampler`` tells what the trainer consumed).
         trainer: the `Trainer` it is attached to.
     """
 
@@ -97,7 +97,7 @@ class ProxyRounds:
         refresh_seconds = time.perf_counter() - start
         if sampler is not None:
             # Set now, so a round that fails after the refresh does not train the proxy on the same rows twice.
-            self._mark = sampler.drawn_position()
+            self._mark = sampler.consumed_position()
         agreement = None
         if self._live_measurable(model):
             agreement = proxy_agreement(self.proxy, model, dataset, config, data_collator, target_optimizer=optimizer)
@@ -128,50 +128,87 @@ class ProxyRounds:
         selection.metadata["seconds"] = time.perf_counter() - start
         return selection
 
-    def save_state(self, folder: Path) -> None:
+    def start_run(self) -> None:
+        """A new training run (``trainer.train()`` without resume): nothing consumed yet. The proxy keeps its
+        adapter, which has followed the target model's training so far."""
+        self._mark = (0, 0)
+
+    def save_state(self, folder: Path) -> str:
         """Write the proxy's adapter, its optimizer state and the last round's sample position to
-        ``folder / PROXY_STATE_FILE`` (called by the callback in each checkpoint), so a resumed run refreshes
-        and selects exactly as the uninterrupted one. A failing write is logged, never raised."""
+        ``folder / PROXY_STATE_FILE``, so a resumed run refreshes and selects exactly as the uninterrupted one.
+
+        Called by the callback while the trainer writes the checkpoint (before ``trainer_state.json``, which records
+        the file's checksum). A failing write raises, as a failing write of the trainer's own files does.
+
+        Returns:
+            The file name (inside ``folder``).
+        """
         state = {
             "adapter": {name: p.detach().cpu() for name, p in self._adapter_parameters()},
             "optimizer": self.proxy.optimizer.state_dict(),
             "mark": list(self._mark),
             "refresh_steps": self.proxy.refresh_steps,
         }
+        tmp = folder / f".{PROXY_STATE_FILE}.tmp"
         try:
-            tmp = folder / f".{PROXY_STATE_FILE}.tmp"
             torch.save(state, tmp)
             os.replace(tmp, folder / PROXY_STATE_FILE)
-        except OSError as err:
-            logger.warning("spice: could not save the proxy state into %s: %s", folder, err)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return PROXY_STATE_FILE
 
     def load_state(self, folder: Path) -> None:
-        """Restore what `save_state` wrote; without the file the proxy keeps its fresh adapter (logged)."""
+        """Restore what `save_state` wrote (the caller has checked the file's checksum).
+
+        Raises:
+            ValueError: the file is missing, unreadable, or holds other fields or another adapter than this
+                proxy's; the message names the file and the fix.
+        """
         path = folder / PROXY_STATE_FILE
-        if not path.is_file():
-            logger.warning("spice: %s has no %s; the proxy restarts from its initial adapter", folder, PROXY_STATE_FILE)
-            return
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        fix = "resume from another checkpoint, or start a new run (new output_dir)"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError as err:
+            raise ValueError(f"{path} is missing: the checkpoint has no proxy state; {fix}") from err
+        except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError on damaged files
+            raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}); {fix}") from err
+        fields = {"adapter", "optimizer", "mark", "refresh_steps"}
+        if not isinstance(state, dict) or set(state) != fields:
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{path} holds {found}, expected the fields {sorted(fields)}; {fix}")
+        mark, steps = state["mark"], state["refresh_steps"]
+        if not (
+            isinstance(mark, list | tuple)
+            and len(mark) == 2
+            and all(isinstance(v, int) and v >= 0 for v in mark)
+            and isinstance(steps, int)
+            and steps >= 0
+        ):
+            raise ValueError(f"{path}: mark {mark!r} / refresh_steps {steps!r} are not non-negative integers; {fix}")
         params = dict(self._adapter_parameters())
-        if set(state["adapter"]) != set(params):
+        adapter = state["adapter"]
+        if not isinstance(adapter, dict) or set(adapter) != set(params):
             raise ValueError(
-                f"{path} holds an adapter with other weights than the proxy's ({len(state['adapter'])} vs "
+                f"{path} holds an adapter with other weights than the proxy's ({len(adapter)} vs "
                 f"{len(params)} tensors); resume with the same proxy_model"
             )
+        for name, value in adapter.items():
+            if not isinstance(value, torch.Tensor) or value.shape != params[name].shape:
+                raise ValueError(f"{path}: adapter weight {name!r} has another shape than the proxy's; {fix}")
         with torch.no_grad():
-            for name, value in state["adapter"].items():
+            for name, value in adapter.items():
                 params[name].copy_(value.to(params[name].device))
         self.proxy.optimizer.load_state_dict(state["optimizer"])
-        self._mark = (int(state["mark"][0]), int(state["mark"][1]))
-        self.proxy.refresh_steps = int(state["refresh_steps"])
+        self._mark = (int(mark[0]), int(mark[1]))
+        self.proxy.refresh_steps = int(steps)
 
     def _adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
         ids = {id(p) for p in self.proxy.lora_weights}
         return [(name, p) for name, p in self.proxy.model.named_parameters() if id(p) in ids]
 
     def _drawn_rows(self, sampler: _SamplerLike) -> list[int]:
-        """Distinct rows yielded from the previous round's position up to now, in first-draw order."""
-        end = sampler.drawn_position()
+        """Distinct rows the trainer consumed from the previous round's position up to now, in draw order."""
+        end = sampler.consumed_position()
         epoch, position = self._mark
         size = len(sampler)
         seen: dict[int, None] = {}

@@ -1,13 +1,14 @@
 """Launched by tests/test_distributed.py under torchrun: a full `Trainer` run with `SpiceDataCallback`.
 
-Usage: ``trainer_run.py OUT_DIR SETTINGS_JSON [EPOCHS] [SHARDING]``. SETTINGS_JSON holds `SpiceConfig` overrides
-(tuples as lists); EPOCHS defaults to 1. SHARDING is ``fsdp2`` (accelerate's FSDP2 over each decoder layer) or
-``zero3`` (DeepSpeed ZeRO-3); both need accelerators (tests/test_fsdp.py). The Trainer initialises the gloo
-process group itself
-(``use_cpu=True`` under torchrun is accelerate's MULTI_CPU mode). Each rank writes
-``OUT_DIR/rank<r>.json``: every round's `Selection` as this rank saw it (read from the callback right
-after the round) and the dataset rows this rank's dataloader actually yielded (recovered from the
-batches the collator received).
+Usage: ``trainer_run.py OUT_DIR SETTINGS_JSON [EPOCHS] [SHARDING] [SAVE_STEPS] [RESUME_FROM]``. SETTINGS_JSON holds
+`SpiceConfig` overrides (tuples as lists); EPOCHS defaults to 1. SHARDING is ``fsdp2`` (accelerate's FSDP2 over each
+decoder layer), ``zero3`` (DeepSpeed ZeRO-3; both need accelerators, tests/test_fsdp.py) or ``none``. SAVE_STEPS > 0
+saves a checkpoint every that many steps; RESUME_FROM is a checkpoint folder to resume from. The Trainer initialises
+the gloo process group itself (``use_cpu=True`` under torchrun is accelerate's MULTI_CPU mode). Each rank writes
+``OUT_DIR/rank<r>.json``: every round's `Selection` as this rank saw it (read from the callback right after the
+round), the dataset rows this rank's dataloader yielded (recovered from the batches the collator received), the
+rows of every batch this rank trained on (recorded at the model's forward, in training mode), the logged losses and
+the sampler's subset history.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from tiny import build, hf_dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
@@ -48,8 +50,9 @@ class RoundRecorder(TrainerCallback):
         self.rounds: list[dict[str, Any]] = []
 
     def _check(self) -> None:
-        if len(self.spice.rounds) > len(self.rounds):
-            assert self.spice.selection is not None
+        if self.spice.selection is None:  # a resumed run: its restored rounds were recorded by the original run
+            self.skipped = len(self.spice.rounds)
+        elif len(self.spice.rounds) > getattr(self, "skipped", 0) + len(self.rounds):
             self.rounds.append(self.spice.selection.to_dict())
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -61,6 +64,7 @@ class RoundRecorder(TrainerCallback):
 
 def main() -> None:
     out = Path(sys.argv[1])
+    save_steps = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[2]).items()}
     tok, model = build()
     data = hf_dataset(tok, n=48)
@@ -75,7 +79,8 @@ def main() -> None:
         learning_rate=1e-2,
         use_cpu=True,
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=max(save_steps, 1),
         logging_steps=1,
         disable_tqdm=True,
         seed=0,
@@ -83,17 +88,27 @@ def main() -> None:
     )
     settings_args.update(_sharding(sys.argv[4] if len(sys.argv) > 4 else None))
     args = TrainingArguments(**settings_args)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[spice, recorder])
-    trainer.train()
-    recorder._check()
+    trained: list[list[int]] = []
     row_of = {tuple(ids): i for i, ids in enumerate(data["input_ids"])}
+
+    def record_training_batch(module: Any, inputs: Any, kwargs: dict[str, Any]) -> None:
+        if module.training and torch.is_grad_enabled():
+            trained.append([row_of[tuple(int(t) for t in ids)] for ids in kwargs["input_ids"]])
+
+    model.register_forward_pre_hook(record_training_batch, with_kwargs=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[spice, recorder])
+    trainer.train(resume_from_checkpoint=sys.argv[6] if len(sys.argv) > 6 else None)
+    recorder._check()
     rank = dist.get_rank() if dist.is_initialized() else 0
     result = {
         "rank": rank,
         "world": dist.get_world_size() if dist.is_initialized() else 1,
         "rounds": recorder.rounds,
         "yielded": [row_of[tuple(ids)] for ids in collator.seen],
-        "reports": sorted(p.name for p in (out / "trainer" / "spice").glob("*")) if rank == 0 else None,
+        "trained": trained,
+        "losses": {str(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e},
+        "history": [[s.round, s.epoch, s.position, s.rows] for s in spice.sampler.history],
+        "reports": sorted(p.name for p in (out / "trainer" / "_spice").glob("*")) if rank == 0 else None,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if dist.is_initialized():
@@ -105,7 +120,7 @@ def main() -> None:
 
 def _sharding(kind: str | None) -> dict[str, Any]:
     """TrainingArguments for the sharded runs (accelerators only: accelerate's CPU mode is DDP)."""
-    if kind is None:
+    if kind is None or kind == "none":
         return {}
     if kind == "fsdp2":
         config = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True}
