@@ -35,16 +35,20 @@ def test_an_empty_row_alone_in_the_last_batch_is_skipped_and_counted():
     sel = select(tw.model(), rows, CFG.with_changes(budget=9), show_progress=False)
     assert 5 not in sel.indices and 5 in sel.skipped
     assert sel.metadata["no_supervised_token_rows"] == 1
+    # With the default loss guard the round takes every row's loss from a forward pass first: the same skip.
+    guarded = select(tw.model(), rows, SpiceConfig(proj_dim=16, budget=3, batch_size=4), show_progress=False)
+    assert 5 not in guarded.indices and guarded.metadata["no_supervised_token_rows"] == 1
 
 
 @pytest.mark.parametrize("bad_id", [VOCAB, VOCAB + 100, -1])
 def test_ids_outside_the_vocabulary_name_the_row(bad_id):
     rows = tw.rows(6)
     rows[4] = {"input_ids": [*rows[4]["input_ids"][:3], bad_id, *rows[4]["input_ids"][4:]]}
-    with pytest.raises(
-        ValueError, match=rf"dataset row 4: 'input_ids' holds token id {bad_id} \(at token 3\), outside"
-    ):
+    message = rf"dataset row 4: 'input_ids' holds token id {bad_id} \(at token 3\), outside"
+    with pytest.raises(ValueError, match=message):
         _gradients(rows)
+    with pytest.raises(ValueError, match=message):  # the default loss guard's forward-only pass checks rows too
+        select(tw.model(), rows, SpiceConfig(proj_dim=16, budget=2, batch_size=4), show_progress=False)
 
 
 def test_minus_100_inside_input_ids_names_the_row_and_says_it_belongs_in_labels():

@@ -368,8 +368,9 @@ def compute_losses(
     num_tokens = torch.zeros(n, dtype=torch.int64)
     collator = data_collator or PadCollator(pad_token_id(model))
     device = input_device(model)
-    order = longest_first(dataset, rows, config.max_length)
-    batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
+    order = longest_first(dataset, rows, config.max_length)  # rows with an empty input_ids are left out (no loss)
+    limits = row_limits(model)
+    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     bar = _progress(len(batches), show_progress and len(batches) > 1, "spice: losses")
     modes = {m: m.training for m in model.modules()}
     try:
@@ -378,7 +379,11 @@ def compute_losses(
             for positions in batches:
                 threads.recheck()
                 batch_rows = [rows[j] for j in positions]
-                batch = collate(collator, [prepare_row(row, config.max_length) for row in _fetch(dataset, batch_rows)])
+                prepared = [
+                    prepare_row(row, config.max_length, index=i, limits=limits)
+                    for i, row in zip(batch_rows, _fetch(dataset, batch_rows), strict=True)
+                ]
+                batch = collate(collator, prepared)
                 check_batch_rows(batch, len(batch_rows))
                 kwargs = model_inputs(batch, device)
                 targets = nn.functional.pad(batch_labels(batch).to(device), (0, 1), value=-100)[:, 1:]
