@@ -62,7 +62,7 @@ def test_the_proxy_state_is_written_with_the_checkpoint_and_checked_on_resume(tm
     _, full_callback = _run(tmp_path / "full", base)
     _, callback = _run(tmp_path / "resumed", base, resume=checkpoint)
     assert [s.rows for s in callback.sampler.history] == [s.rows for s in full_callback.sampler.history]
-    assert callback._select_fn.proxy.refresh_steps == full_callback._select_fn.proxy.refresh_steps
+    assert callback.proxy.refresh_steps == full_callback.proxy.refresh_steps
 
     original = proxy_file.read_bytes()
     for damage, message in (
