@@ -346,7 +346,7 @@ def test_demo_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # Exactly the budget: the default stop_ratio=None never stops early, and the guards left more eligible rows
     # than the budget (the round's stop reason says the greedy ran out of budget, not of rows).
     assert by_method["spice"]["rows"] == budget
-    assert Selection.load(out / "runs" / "spice" / "spice" / "round-0.json").stop_reason == "budget"
+    assert Selection.load(out / "runs" / "spice" / "_spice" / "round-0.json").stop_reason == "budget"
     # The quick settings ran: the full pool's steps are those of the quick pool, fewer than the full demo's.
     steps = {s: math.ceil(s.pool_size / DEMO_BATCH_SIZE) * s.epochs for s in (DEMO_QUICK, DEMO_FULL)}
     assert by_method["full"]["steps"] == steps[DEMO_QUICK] < steps[DEMO_FULL]

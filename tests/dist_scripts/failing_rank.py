@@ -8,6 +8,7 @@ writes ``OUT/rank<r>.json`` with the exception it saw. Usage: ``failing_rank.py 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,13 @@ def main() -> None:
     # Still in step: one more collective succeeds on every rank.
     dist.barrier()
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(seen))
+    # Tear gloo down together, then leave without the interpreter's teardown: gloo's threads still alive
+    # in static destructors abort an exit that had succeeded ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
