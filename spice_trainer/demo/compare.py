@@ -199,6 +199,7 @@ def fresh_adapter(base_model: Any, settings: TrainSettings, seed: int) -> Any:
 
 
 def _training_arguments(output_dir: str, settings: TrainSettings, seed: int) -> Any:
+    import torch
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -216,6 +217,7 @@ def _training_arguments(output_dir: str, settings: TrainSettings, seed: int) -> 
         logging_strategy="no",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps a copy to an accelerator
     )
 
 
