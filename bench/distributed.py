@@ -105,7 +105,7 @@ def worker_greedy(args: argparse.Namespace) -> None:
     rows = sd.local_rows(n)
     local = full[rows.start : rows.stop].clone()
     del full
-    config = SpiceConfig(budget=k, stop_ratio=None)
+    config = SpiceConfig(budget=k, stop_rule="none", stop_ratio=None)
     sd.barrier()
     start = time.perf_counter()
     gathered = sd.gather_rows(local)

@@ -102,6 +102,7 @@ def run_ours(feats: torch.Tensor, k: int, regime: str, alpha: float, threads: in
         budget=k,
         fisher_scale=alpha,
         conflict_weight=extra.pop("lam", 0.0),
+        stop_rule="none",
         stop_ratio=None,
         threads=threads,
         **search,

@@ -17,6 +17,7 @@ ModeKind = Literal["grow", "replace"]
 ProjectionKind = Literal["rademacher", "gaussian", "sparse", "kronecker"]
 FeatureNorm = Literal["none", "unit", "adam"]
 StopOn = Literal["gain", "score"]
+StopRule = Literal["plateau", "ratio", "none"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,38 +35,51 @@ class SpiceConfig:
             α in ``U(S) = log det(I + α F_S)``. Larger values make the log-det saturate sooner.
         conflict_weight (`float`, defaults to 0.1):
             λ in ``score = Δ − λ c``. 0 gives plain Fisher (log-det) greedy. The paper finds [0.1, 0.5] stable.
+        stop_rule (`"plateau"`, `"ratio"` or `"none"`, defaults to `"plateau"`):
+            When to stop adding rows before the budget (the budget is the cap). `"plateau"` stops when the
+            watched marginal gain has levelled off: the candidate, averaged with the two picks before it, brings
+            at most `plateau_ratio` × what the earlier picks brought on average (`spice_trainer.core.stopping.
+            PlateauStop`; scale-free and independent of the budget). `"ratio"` is the paper's SPICE+ rule: stop
+            at the first pick whose watched gain is ``<= ω ×`` the first pick's (ω = `stop_ratio`). `"none"`
+            selects exactly the budget.
+        plateau_ratio (`float`, defaults to 0.2):
+            The plateau rule's threshold in (0, 1): smaller values stop later (the curve must flatten more).
         stop_ratio (`float` or `None`, defaults to `None`):
-            ω: stop at the first pick whose watched gain is ``<= ω ×`` the first pick's gain.
-            `None` disables early stopping, so exactly the budget is selected (the default: on the quality
-            benchmark ω = 0.5 stopped at a quarter of the budget and lost half the accuracy gain; the paper
-            preset keeps 0.5).
-        stop_on (`"gain"` or `"score"`, defaults to `"gain"`):
-            Which quantity the early-stopping rule watches: the information gain Δ (the paper) or the
-            penalized score Δ − λc.
+            ω of `stop_rule="ratio"` (the paper: 0.5); it must be set with that rule and only with it.
+        stop_on (`"gain"` or `"score"`, defaults to `"score"`):
+            Which quantity the stopping rule watches: the penalized score Δ − λc, or the information gain Δ
+            (the paper's rule).
         proj_dim (`int`, defaults to 256):
             d, the dimension gradients are projected to. Memory for features is ``n × d``.
         projection (`"rademacher"`, `"gaussian"`, `"sparse"` or `"kronecker"`, defaults to `"rademacher"`):
             The random projection family (all are Johnson-Lindenstrauss projections). `"kronecker"` projects
             each LoRA factor's two sides separately (LoGra): ``r``× cheaper than the dense families, the
             cheapest choice on small models and short rows (`spice_trainer.core.projection`).
-        feature_norm (`"none"`, `"unit"` or `"adam"`, defaults to `"none"`):
-            How projected gradients are normalised before selection. `"none"` is the paper's raw gradient:
-            rows the model already solves have near-zero gradients and are never picked. `"unit"` scales
-            each to norm 1, which also inflates those solved rows' noise-like gradients (on the quality
-            benchmark it filled half the budget with them); `"adam"` preconditions with a live optimizer's
-            second moments (LESS).
+        feature_norm (`"unit"`, `"none"` or `"adam"`, defaults to `"unit"`):
+            How projected gradients are normalised before selection. `"unit"` scales each to norm 1, so a row
+            buys information by the novelty of its direction, not by the size of its loss (with raw gradients
+            the most surprising rows, often the mislabeled ones, buy the budget; among clean rows, directions
+            alone also picked better subsets than raw gradients on the quality suite). `"none"` is the paper's
+            raw gradient; `"adam"` preconditions with a live optimizer's second moments (LESS).
         min_loss (`float` or `None`, defaults to 0.1):
             Rows the model already solves teach nothing: candidates whose loss (mean nats per supervised
-            token; 0.1 ≈ 90 % probability on each target token) is at or below this are never picked.
-            `None` disables the floor (the paper).
-        max_loss_quantile (`float` or `None`, defaults to 0.3):
-            Guard against mislabeled and junk rows (the "small-loss" criterion of learning with noisy labels,
-            Han et al. 2018): among the rows above `min_loss`, those whose loss is above this quantile are
-            never picked. Wrong labels cost the model more loss than right ones, and raw gradients would
-            otherwise favour them. The guard never leaves fewer eligible rows than the budget: the cap rises
-            to the budget-th smallest unsolved loss when needed (a clean pool has few unsolved rows). The
-            default keeps the lower 30 % of the unsolved rows: on the quality benchmark's noisy pool it is
-            what lets SPICE match the full pool (see `docs/quality.md`). `None` disables the guard (the paper).
+            token; 0.1 ≈ 90 % probability on each target token) is at or below this are never picked
+            (recorded as ``"solved"`` in `Selection.excluded`). `None` disables the floor (the paper).
+        surprise_threshold (`float`, `"uniform"` or `None`, defaults to `"uniform"`):
+            Trust in a row's label. A supervised token whose surprisal ``−log p`` under the model exceeds this
+            many nats contradicts what the model believes; a row whose most surprising token has surprisal
+            ``m > τ`` counts in the objective with weight ``w = exp(τ − m) < 1`` (its feature scaled by ``√w``,
+            so its Fisher contribution by ``w``): a token 10× less likely than the threshold probability
+            ``e^{−τ}`` makes the row count a tenth. Such rows stay selectable, after the trusted ones.
+            `"uniform"` sets ``τ = log V`` (``V`` the model's output vocabulary): a token less likely than a
+            uniform guess. The weights are recorded in `Selection.down_weighted`. `None` trusts every label
+            (the paper).
+        max_loss_quantile (`float` or `None`, defaults to `None`):
+            An optional hard loss cap (the "small-loss" criterion of learning with noisy labels, Han et al.
+            2018): among the rows above `min_loss`, those whose loss is above this quantile are never picked
+            (the cap rises to the budget-th smallest unsolved loss when fewer rows would remain). A fixed
+            quantile is a prior about the noise; on the quality suite it kept the almost-solved and the
+            prior-consistent wrong rows and lost to a random draw (`docs/quality.md`), so it is off by default.
         seed (`int`, defaults to 42):
             Seeds the projection, stochastic greedy and the sampler's order. Global RNG is never touched.
         greedy (`"exact"`, `"stochastic"` or `"pooled"`, defaults to `"exact"`):
@@ -127,15 +141,18 @@ class SpiceConfig:
     budget: float | int = 0.1
     fisher_scale: float = 1.0
     conflict_weight: float = 0.1
+    stop_rule: StopRule = "plateau"
+    plateau_ratio: float = 0.2
     stop_ratio: float | None = None
-    stop_on: StopOn = "gain"
+    stop_on: StopOn = "score"
 
     # --- gradient features ---------------------------------------------------------------
     proj_dim: int = 256
     projection: ProjectionKind = "rademacher"
-    feature_norm: FeatureNorm = "none"
+    feature_norm: FeatureNorm = "unit"
     min_loss: float | None = 0.1
-    max_loss_quantile: float | None = 0.3
+    surprise_threshold: float | Literal["uniform"] | None = "uniform"
+    max_loss_quantile: float | None = None
     batch_size: int = 8
     max_length: int | None = None
     feature_store: str | None = None
@@ -167,18 +184,40 @@ class SpiceConfig:
         _check_budget(self.budget)
         _check_positive_float("fisher_scale", self.fisher_scale)
         _check_finite_float("conflict_weight", self.conflict_weight, minimum=0.0)
+        _check_choice("stop_rule", self.stop_rule, ("plateau", "ratio", "none"))
+        _check_finite_float("plateau_ratio", self.plateau_ratio, minimum=0.0)
+        if not 0.0 < self.plateau_ratio < 1.0:
+            raise ValueError(f"plateau_ratio must be in (0, 1), got {self.plateau_ratio!r}; 0.2 is the default")
         if self.stop_ratio is not None:
             _check_finite_float("stop_ratio", self.stop_ratio, minimum=0.0)
             if self.stop_ratio >= 1.0:
                 raise ValueError(
-                    f"stop_ratio must be in [0, 1) or None, got {self.stop_ratio!r}; use None to disable early stopping"
+                    f"stop_ratio must be in [0, 1) or None, got {self.stop_ratio!r}; use stop_rule='none' to "
+                    "select the whole budget"
                 )
+        if self.stop_rule == "ratio" and self.stop_ratio is None:
+            raise ValueError(
+                "stop_rule='ratio' needs stop_ratio (ω), e.g. SpiceConfig(stop_rule='ratio', stop_ratio=0.5)"
+            )
+        if self.stop_rule != "ratio" and self.stop_ratio is not None:
+            raise ValueError(
+                f"stop_ratio={self.stop_ratio!r} is read only by stop_rule='ratio' (the paper's rule), but "
+                f"stop_rule is {self.stop_rule!r}; pass stop_rule='ratio' with it, or drop stop_ratio"
+            )
         _check_choice("stop_on", self.stop_on, ("gain", "score"))
         _check_positive_int("proj_dim", self.proj_dim)
         _check_choice("projection", self.projection, ("rademacher", "gaussian", "sparse", "kronecker"))
         _check_choice("feature_norm", self.feature_norm, ("none", "unit", "adam"))
         if self.min_loss is not None:
             _check_finite_float("min_loss", self.min_loss, minimum=0.0)
+        if self.surprise_threshold is not None and self.surprise_threshold != "uniform":
+            threshold = self.surprise_threshold
+            if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+                raise ValueError(
+                    f"surprise_threshold must be 'uniform', a number of nats > 0 or None, got {threshold!r}; "
+                    "'uniform' uses log(vocabulary size)"
+                )
+            _check_positive_float("surprise_threshold", threshold)
         if self.max_loss_quantile is not None:
             _check_finite_float("max_loss_quantile", self.max_loss_quantile, minimum=0.0)
             if not 0.0 < self.max_loss_quantile <= 1.0:
@@ -232,17 +271,19 @@ class SpiceConfig:
     # ------------------------------------------------------------------------------------
     @classmethod
     def paper(cls, **overrides: Any) -> SpiceConfig:
-        """The paper-exact preset: raw gradients, α = 1, λ = 0.1, ω = 0.5, no loss guard.
+        """The paper-exact preset: raw gradients, α = 1, λ = 0.1, the ω = 0.5 rule on the gain, no guard.
 
         Any field can still be overridden, e.g. ``SpiceConfig.paper(budget=0.05)``.
         """
         preset: dict[str, Any] = {
             "fisher_scale": 1.0,
             "conflict_weight": 0.1,
+            "stop_rule": "ratio",
             "stop_ratio": 0.5,
             "stop_on": "gain",
             "feature_norm": "none",
             "min_loss": None,
+            "surprise_threshold": None,
             "max_loss_quantile": None,
         }
         preset.update(overrides)

@@ -26,9 +26,11 @@ import torch
 
 from spice_trainer.config import SpiceConfig
 from spice_trainer.core.greedy import select_from_features
+from spice_trainer.core.guards import Guards, candidate_guards
 from spice_trainer.core.selection import Selection
 from spice_trainer.distributed import comm as sd
 from spice_trainer.distributed.greedy import distributed_greedy
+from spice_trainer.features.batches import output_vocab_size
 from spice_trainer.features.fingerprint import content_fingerprint, dataset_fingerprint
 from spice_trainer.features.gradients import (
     GradientFeatures,
@@ -43,36 +45,26 @@ from spice_trainer.features.store import FeatureStore, default_chunk_rows, store
 logger = logging.getLogger(__name__)
 
 
-def eligible_rows(grads: GradientFeatures, config: SpiceConfig) -> torch.Tensor:
-    """Which candidates may be picked: finite loss, something to learn, and under the loss guard.
+def row_guards(grads: GradientFeatures, config: SpiceConfig) -> Guards:
+    """The candidate guards (`spice_trainer.core.guards.candidate_guards`) on one gradient pass's numbers.
 
-    A row is ineligible when its loss is NaN/inf, when it has no supervised token, when its loss is at
-    or below ``config.min_loss`` (already solved), or when ``config.max_loss_quantile`` is set and its
-    loss is above that quantile of the remaining rows' losses — unless that would leave fewer rows than
-    the budget, in which case the cap rises to the budget-th smallest remaining loss
-    (the highest-loss rows of a pool are disproportionately mislabeled or junk; docs/concepts.md, section 5).
-
-    Returns:
-        ``(n,)`` bool tensor.
+    A row is ineligible without a supervised token, with a non-finite loss or non-finite gradient features, at
+    or below ``config.min_loss`` (solved), or above the optional ``max_loss_quantile`` cap; an eligible row whose
+    least likely label token is more surprising than ``config.surprise_threshold`` counts with a weight below 1.
     """
-    return _eligible(grads.losses, grads.num_tokens, config)
+    return candidate_guards(
+        grads.losses,
+        grads.num_tokens,
+        config,
+        max_token_losses=grads.max_token_losses,
+        vocab_size=grads.vocab_size,
+        finite_features=torch.isfinite(grads.features).all(dim=1),
+    )
 
 
-def _eligible(losses: torch.Tensor, num_tokens: torch.Tensor, config: SpiceConfig) -> torch.Tensor:
-    """`eligible_rows` from ``losses: (n,)`` and ``num_tokens: (n,)``."""
-    losses = losses.float()
-    eligible = torch.isfinite(losses) & (num_tokens > 0)
-    if config.min_loss is not None:
-        eligible &= losses > config.min_loss
-    if config.max_loss_quantile is not None and bool(eligible.any()):
-        candidates = losses[eligible].double()
-        cap = torch.quantile(candidates, config.max_loss_quantile).item()
-        # The guard drops the highest-loss rows first but never shrinks the pool below the budget: on a
-        # clean pool few rows are unsolved, and those above the quantile are then still worth training on.
-        budget = min(config.budget_count(len(losses)), candidates.numel())
-        cap = max(cap, torch.kthvalue(candidates, budget).values.item())
-        eligible &= losses.double() <= cap
-    return eligible
+def eligible_rows(grads: GradientFeatures, config: SpiceConfig) -> torch.Tensor:
+    """``(n,)`` bool: the rows `row_guards` lets the greedy pick."""
+    return row_guards(grads, config).eligible
 
 
 def select(
@@ -147,32 +139,35 @@ def select(
             model, dataset, config, data_collator, optimizer=optimizer, show_progress=show_progress
         )
     feature_seconds = time.perf_counter() - start
-    eligible = eligible_rows(grads, config)
-    finite_features = torch.isfinite(grads.features).all(dim=1)
-    non_finite = int((~torch.isfinite(grads.losses)).sum())
-    no_tokens = int((grads.num_tokens == 0).sum())
-    bad_gradients = _non_finite_gradient_rows(grads.losses, grads.num_tokens, finite_features, eligible)
-    _warn_exclusions(non_finite, no_tokens, bad_gradients)
+    guards = row_guards(grads, config)
+    if measured is not None:
+        guards.eligible &= measured  # the losses-first pass measured every eligible row (zeros elsewhere)
+    _warn_exclusions(guards)
     selection = select_from_features(
-        grads.features,
+        guards.scale(grads.features),
         config,
         initial=initial,
-        eligible=eligible,
+        eligible=guards.eligible,
         reference_gain=reference_gain,
         show_progress=show_progress,
     )
-    selection.metadata.update(
-        _round_metadata(
-            selection, grads.losses, grads.num_tokens, eligible, non_finite, no_tokens, feature_seconds, start, config
-        )
-    )
+    _record_round(selection, guards, grads.losses, feature_seconds, start)
     selection.metadata["gradient_rows"] = n if measured is None else int(measured.sum())
-    selection.metadata["non_finite_gradient_rows"] = bad_gradients
     if feature_cache is not None:
-        sqnorms = _sqnorms(grads.features)
+        sqnorms = _sqnorms(guards.scale(grads.features))
         if measured is not None:
             sqnorms[~measured] = float("nan")  # not measured: no remembered gradient
-        feature_cache.record(None, sqnorms, grads.losses, grads.num_tokens, selection.selected, config, n)
+        feature_cache.record(
+            None,
+            sqnorms,
+            grads.losses,
+            grads.num_tokens,
+            grads.max_token_losses,
+            selection.selected,
+            config,
+            n,
+            vocab_size=grads.vocab_size,
+        )
     return selection
 
 
@@ -211,8 +206,9 @@ def _guarded_features(
     Returns:
         The features of every row (zeros where not measured) and the ``(n,)`` bool mask of measured rows.
     """
-    losses, num_tokens = compute_losses(model, dataset, config, data_collator, show_progress=show_progress)
-    eligible = _eligible(losses, num_tokens, config)
+    losses, num_tokens, largest = compute_losses(model, dataset, config, data_collator, show_progress=show_progress)
+    vocab = output_vocab_size(model)
+    eligible = candidate_guards(losses, num_tokens, config, max_token_losses=largest, vocab_size=vocab).eligible
     rows = sorted({int(i) for i in eligible.nonzero().flatten().tolist()} | {int(i) for i in (initial or [])})
     n = len(losses)
     features = torch.zeros(n, config.proj_dim, dtype=torch.float32)
@@ -224,7 +220,10 @@ def _guarded_features(
         )
         features[rows] = grads.features
         measured[rows] = True
-    return GradientFeatures(features=features, losses=losses, num_tokens=num_tokens), measured
+    pool = GradientFeatures(
+        features=features, losses=losses, num_tokens=num_tokens, max_token_losses=largest, vocab_size=vocab
+    )
+    return pool, measured
 
 
 def _select_shortlist(
@@ -250,12 +249,19 @@ def _select_shortlist(
     """
     start = time.perf_counter()
     n = len(dataset)
-    assert cache.losses is not None and cache.num_tokens is not None
-    rows = shortlist(cache, config, _eligible(cache.losses, cache.num_tokens, config), initial)
+    assert cache.losses is not None and cache.num_tokens is not None and cache.max_token_losses is not None
+    remembered = candidate_guards(
+        cache.losses,
+        cache.num_tokens,
+        config,
+        max_token_losses=cache.max_token_losses,
+        vocab_size=cache.vocab_size,
+    )
+    rows = shortlist(cache, config, remembered.eligible, initial)
     world, rank = sd.world_size(), sd.rank()
     part = sd.shard_rows(len(rows), world, rank)
     sharded = world > 1 and is_sharded_model(model)
-    local: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    local: tuple[torch.Tensor, ...] | None = None
     error: BaseException | None = None
     try:
         grads = compute_gradient_features(
@@ -268,7 +274,8 @@ def _select_shortlist(
             show_progress=show_progress and rank == 0,
             lockstep=_lockstep(len(part), config.batch_size) if sharded else None,
         )
-        local = (grads.features, grads.losses, grads.num_tokens)
+        assert grads.max_token_losses is not None
+        local = (grads.features, grads.losses, grads.num_tokens, grads.max_token_losses)
     except Exception as exc:
         error = exc
     if sd.any_rank(error is not None):  # agreed before the gathers, as in _select_sharded
@@ -276,22 +283,29 @@ def _select_shortlist(
             raise error
         raise RuntimeError("spice: the gradient pass failed on another rank (see that rank's error)")
     assert local is not None
-    features, fresh_losses, fresh_tokens = (sd.gather_rows(t) for t in local)
+    features, fresh_losses, fresh_tokens, fresh_largest = (sd.gather_rows(t) for t in local)
     feature_seconds = time.perf_counter() - start
 
     index = torch.as_tensor(rows, dtype=torch.long)
     losses = cache.losses.clone()
     num_tokens = cache.num_tokens.clone()
+    largest = cache.max_token_losses.clone()
     losses[index] = fresh_losses.float()
     num_tokens[index] = fresh_tokens.long()
-    eligible = _eligible(losses, num_tokens, config)
+    largest[index] = fresh_largest.float()
+    finite = torch.ones(n, dtype=torch.bool)
+    finite[index] = torch.isfinite(features).all(dim=1)
+    guards = candidate_guards(
+        losses, num_tokens, config, max_token_losses=largest, vocab_size=cache.vocab_size, finite_features=finite
+    )
+    _warn_exclusions(guards)
     position = {row: i for i, row in enumerate(rows)}
     budget = min(config.budget_count(n), len(rows))
     local_selection = select_from_features(
-        features,
+        guards.scale(features, index),
         config.with_changes(budget=budget),
         initial=[position[int(r)] for r in initial] if initial else None,
-        eligible=eligible[index],
+        eligible=guards.eligible[index],
         reference_gain=reference_gain,
         show_progress=show_progress and rank == 0,
     )
@@ -303,19 +317,24 @@ def _select_shortlist(
         n_candidates=n,
         config=config.to_dict(),
     )
-    non_finite = int((~torch.isfinite(fresh_losses)).sum())
-    no_tokens = int((fresh_tokens == 0).sum())
-    selection.metadata.update(
-        _round_metadata(selection, losses, num_tokens, eligible, non_finite, no_tokens, feature_seconds, start, config)
-    )
+    _record_round(selection, guards, losses, feature_seconds, start)
     selection.metadata["gradient_rows"] = len(rows)
     selection.metadata["reselect"] = {
         "shortlist": len(rows),
         "pool": n,
         "share": len(rows) / n,
-        "rule": "selected rows, then the largest remembered gradient norms among eligible rows",
+        "rule": "selected rows, then the largest remembered (weighted) gradient norms among eligible rows",
     }
-    cache.record(rows, _sqnorms(features), fresh_losses, fresh_tokens, selection.selected, config, n)
+    cache.record(
+        rows,
+        _sqnorms(guards.scale(features, index)),
+        fresh_losses,
+        fresh_tokens,
+        fresh_largest,
+        selection.selected,
+        config,
+        n,
+    )
     return selection
 
 
@@ -374,9 +393,9 @@ def _select_sharded(
             )
         config = config.with_changes(feature_store=None)
 
-    def compute(rows: list[int], progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def compute(rows: list[int], progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if not rows and not lockstep:
-            return torch.zeros(0, d), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+            return torch.zeros(0, d), torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0)
         grads = compute_gradient_features(
             model,
             dataset,
@@ -387,7 +406,8 @@ def _select_sharded(
             show_progress=progress,
             lockstep=_lockstep(len(rows), config.batch_size) if lockstep else None,
         )
-        return grads.features, grads.losses, grads.num_tokens
+        assert grads.max_token_losses is not None
+        return grads.features, grads.losses, grads.num_tokens, grads.max_token_losses
 
     store_meta: dict[str, Any] | None = None
     chunk = 1
@@ -404,7 +424,9 @@ def _select_sharded(
             bar = _chunk_progress(len(chunks), show_progress and main)
             try:
 
-                def compute_chunk(chunk_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                def compute_chunk(
+                    chunk_rows: list[int],
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
                     out = compute(chunk_rows, False)
                     if bar is not None:
                         bar.update(1)
@@ -414,10 +436,10 @@ def _select_sharded(
             finally:
                 if bar is not None:
                     bar.close()
-            local_feats, local_losses, local_tokens = store.read_rows(rows)
+            local_feats, local_losses, local_tokens, local_largest = store.read_rows(rows)
         else:
             rows = sd.shard_rows(n, world, rank)
-            local_feats, local_losses, local_tokens = compute(list(rows), show_progress and main)
+            local_feats, local_losses, local_tokens, local_largest = compute(list(rows), show_progress and main)
     except Exception as exc:
         error = exc
     if sd.any_rank(error is not None):
@@ -433,13 +455,14 @@ def _select_sharded(
 
     losses = sd.gather_rows(local_losses.float())
     num_tokens = sd.gather_rows(local_tokens.long())
-    eligible = _eligible(losses, num_tokens, config)
+    largest = sd.gather_rows(local_largest.float())
     finite_features = sd.gather_rows(torch.isfinite(local_feats).all(dim=1).long()).bool()
-    non_finite = int((~torch.isfinite(losses)).sum())
-    no_tokens = int((num_tokens == 0).sum())
-    bad_gradients = _non_finite_gradient_rows(losses, num_tokens, finite_features, eligible)
+    vocab = output_vocab_size(model)
+    guards = candidate_guards(
+        losses, num_tokens, config, max_token_losses=largest, vocab_size=vocab, finite_features=finite_features
+    )
     if main:
-        _warn_exclusions(non_finite, no_tokens, bad_gradients)
+        _warn_exclusions(guards)
     strategy: sd.Strategy = sd.choose_strategy(n, d) if world > 1 else "gather"
     if strategy == "distributed" and config.greedy != "exact":
         if main:
@@ -451,13 +474,15 @@ def _select_sharded(
                 d,
             )
         strategy = "gather"
+    local_index = torch.arange(rows.start, rows.stop)
+    local_feats = guards.scale(local_feats, local_index)
     if strategy == "gather":
         features = sd.gather_rows(local_feats)
         selection = select_from_features(
             features,
             config,
             initial=initial,
-            eligible=eligible,
+            eligible=guards.eligible,
             reference_gain=reference_gain,
             show_progress=show_progress and main,
         )
@@ -468,14 +493,11 @@ def _select_sharded(
             n,
             config,
             initial=initial,
-            local_eligible=eligible[rows.start : rows.stop],
+            local_eligible=guards.eligible[rows.start : rows.stop],
             reference_gain=reference_gain,
             show_progress=show_progress,
         )
-    selection.metadata.update(
-        _round_metadata(selection, losses, num_tokens, eligible, non_finite, no_tokens, feature_seconds, start, config)
-    )
-    selection.metadata["non_finite_gradient_rows"] = bad_gradients
+    _record_round(selection, guards, losses, feature_seconds, start)
     selection.metadata.update(
         {
             "distributed": {
@@ -491,7 +513,9 @@ def _select_sharded(
     if feature_cache is not None:
         # n numbers per row kind: the memory never needs the (n, d) features, so the distributed greedy works too.
         sqnorms = sd.gather_rows(_sqnorms(local_feats))
-        feature_cache.record(None, sqnorms, losses, num_tokens, selection.selected, config, n)
+        feature_cache.record(
+            None, sqnorms, losses, num_tokens, largest, selection.selected, config, n, vocab_size=vocab
+        )
     return selection
 
 
@@ -542,38 +566,39 @@ def _chunk_progress(total: int, show: bool) -> Any:
     return tqdm(total=total, desc="spice gradients", unit="chunk")
 
 
-def _round_metadata(
-    selection: Selection,
-    losses: torch.Tensor,
-    num_tokens: torch.Tensor,
-    eligible: torch.Tensor,
-    non_finite: int,
-    no_tokens: int,
-    feature_seconds: float,
-    start: float,
-    config: SpiceConfig,
-) -> dict[str, Any]:
-    """Timings and what the guards excluded, recorded on every round's `Selection` (both paths).
+def _record_round(
+    selection: Selection, guards: Guards, losses: torch.Tensor, feature_seconds: float, start: float
+) -> None:
+    """What the guards decided and the round's timings, on the `Selection` (every path).
 
-    ``non_finite_loss_rows`` counts every row whose loss is not finite, including the
-    ``no_supervised_token_rows`` (a row without a target has no loss). ``loss_guard_excluded`` = ``solved_rows``
-    (finite loss ``<= min_loss``) + ``loss_cap_rows`` (above the ``max_loss_quantile`` cap): rows with a finite
-    loss and a target that the guards left out.
+    Per row: ``selection.excluded`` (reason -> rows) and ``down_weighted_rows`` / ``down_weights``. Counts in
+    ``metadata``: ``no_supervised_token_rows``; ``non_finite_loss_rows`` (every row without a finite loss,
+    including those without a target, which have none); ``non_finite_gradient_rows``; ``solved_rows`` (finite
+    loss ``<= min_loss``); ``loss_cap_rows``; ``loss_guard_excluded`` = solved + loss cap; ``down_weighted_rows``.
     """
-    measured = torch.isfinite(losses) & (num_tokens.to(losses.device) > 0)
-    solved = int((measured & (losses <= config.min_loss)).sum()) if config.min_loss is not None else 0
-    guarded = int((measured & ~eligible.to(losses.device)).sum())
-    return {
-        "feature_seconds": feature_seconds,
-        "seconds": time.perf_counter() - start,
-        "non_finite_loss_rows": non_finite,
-        "no_supervised_token_rows": no_tokens,
-        "loss_guard_excluded": guarded,
-        "solved_rows": solved,
-        "loss_cap_rows": guarded - solved,
-        "mean_loss_selected": _mean_at(losses, selection.indices),
-        "mean_loss_pool": float(losses[torch.isfinite(losses)].mean()) if eligible.any() else None,
-    }
+    counts = guards.counts()
+    selection.excluded = {reason: rows for reason, rows in guards.excluded.items() if rows}
+    selection.down_weighted_rows, selection.down_weights = guards.down_weighted
+    no_tokens = counts.get("no_supervised_token", 0)
+    solved = counts.get("solved", 0)
+    capped = counts.get("loss_cap", 0)
+    finite = torch.isfinite(losses)
+    selection.metadata.update(
+        {
+            "feature_seconds": feature_seconds,
+            "seconds": time.perf_counter() - start,
+            "no_supervised_token_rows": no_tokens,
+            "non_finite_loss_rows": no_tokens + counts.get("non_finite_loss", 0),
+            "non_finite_gradient_rows": counts.get("non_finite_gradient", 0),
+            "solved_rows": solved,
+            "loss_cap_rows": capped,
+            "loss_guard_excluded": solved + capped,
+            "down_weighted_rows": counts["down_weighted"],
+            "surprise_threshold_nats": guards.threshold,
+            "mean_loss_selected": _mean_at(losses, selection.indices),
+            "mean_loss_pool": float(losses[finite].double().mean()) if bool(finite.any()) else None,
+        }
+    )
 
 
 def _mean_at(values: torch.Tensor, indices: Sequence[int]) -> float | None:
@@ -582,20 +607,16 @@ def _mean_at(values: torch.Tensor, indices: Sequence[int]) -> float | None:
     return float(values[torch.as_tensor(list(indices), dtype=torch.long)].double().mean())
 
 
-def _non_finite_gradient_rows(
-    losses: torch.Tensor, num_tokens: torch.Tensor, finite_features: torch.Tensor, eligible: torch.Tensor
-) -> int:
-    """Rows with a target and a finite loss whose gradient features are not finite (e.g. a bf16 backward that
-    overflowed), among those the loss guard left in: the greedy skips them, so they are counted here, once."""
-    measured = torch.isfinite(losses) & (num_tokens.to(losses.device) > 0)
-    return int((measured & eligible.to(losses.device) & ~finite_features.to(losses.device)).sum())
-
-
-def _warn_exclusions(non_finite: int, no_tokens: int, bad_gradients: int) -> None:
+def _warn_exclusions(guards: Guards) -> None:
+    """One warning for the rows excluded because something is wrong with them (not for solved or capped rows)."""
+    counts = guards.counts()
     problems = [
-        (no_tokens, "have no supervised token (empty, or every label -100)"),
-        (non_finite - no_tokens, "have a non-finite loss"),
-        (bad_gradients, "have a finite loss but non-finite gradients (an overflow in the backward)"),
+        (counts.get("no_supervised_token", 0), "have no supervised token (empty, or every label -100)"),
+        (counts.get("non_finite_loss", 0), "have a non-finite loss"),
+        (
+            counts.get("non_finite_gradient", 0),
+            "have a finite loss but non-finite gradients (an overflow in the backward)",
+        ),
     ]
     said = [f"{count} {what}" for count, what in problems if count > 0]
     if said:

@@ -33,7 +33,7 @@ def test_every_config_field_is_a_flag_with_the_configs_default_and_help() -> Non
 def test_docstring_help_is_read_per_field() -> None:
     helps = config_field_help()
     assert helps["budget"].startswith("How much of the pool to select at most")
-    assert helps["stop_on"].startswith("Which quantity the early-stopping rule watches")
+    assert helps["stop_on"].startswith("Which quantity the stopping rule watches")
     assert "defaults to" not in " ".join(helps.values())  # the type line is not part of the help
 
 
@@ -49,8 +49,12 @@ def test_flags_parse_into_a_config() -> None:
             "500",
             "--spice-conflict-weight",
             "0.3",
+            "--spice_stop_rule",
+            "ratio",
             "--spice_stop_ratio",
             "0.5",
+            "--spice_surprise_threshold",
+            "uniform",
             "--spice_min_loss",
             "none",
             "--spice_greedy",
@@ -64,6 +68,9 @@ def test_flags_parse_into_a_config() -> None:
     ).to_config()
     assert config.budget == 500 and isinstance(config.budget, int)
     assert config.conflict_weight == 0.3 and config.stop_ratio == 0.5 and config.min_loss is None
+    assert config.stop_rule == "ratio" and config.surprise_threshold == "uniform"
+    assert _parse(["--spice_surprise_threshold", "3.5"]).to_config().surprise_threshold == 3.5
+    assert _parse(["--spice_surprise_threshold", "none"]).to_config().surprise_threshold is None
     assert config.greedy == "stochastic"
     assert config.reselect_every_steps == (100, 250, 400)
     assert config.proxy_model == "Qwen/Qwen2-0.5B"

@@ -7,7 +7,7 @@ import trainer_world as tw
 from float_bounds import assert_within, float64_reference
 
 from spice_trainer import SpiceConfig, select
-from spice_trainer.demo.toy import add_lora, build_model
+from spice_trainer.demo.toy import add_lora, build_model, build_tokenizer
 from spice_trainer.features.batches import PadCollator, RowLimits, prepare_row, row_limits
 from spice_trainer.features.gradients import compute_gradient_features
 
@@ -93,3 +93,35 @@ def test_row_limits_come_from_the_model_and_prepare_row_checks_them():
     assert prepare_row(row, 2, index=0, limits=limits)["labels"] == [-100, 8]
     with pytest.raises(ValueError, match=r"got \['text'\] in dataset row 7; tokenise"):
         prepare_row({"text": "untokenised"}, None, index=7)
+
+
+def test_per_example_loss_against_a_token_by_token_float64_reference():
+    from spice_trainer.features.batches import per_example_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 11, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 11, (4, 6), generator=gen)
+    targets[0, :2] = -100
+    targets[2, :] = -100  # no supervised token
+    targets[3, 4:] = -100
+    losses, counts, largest = per_example_loss(logits, targets)
+    for i in range(4):
+        token_losses = [
+            -torch.log_softmax(logits[i, t], dim=-1)[targets[i, t]].item() for t in range(6) if targets[i, t] != -100
+        ]
+        assert int(counts[i]) == len(token_losses)
+        if not token_losses:
+            assert torch.isnan(losses[i]) and torch.isnan(largest[i])
+            continue
+        # float64 throughout: a few ulps of log-softmax and summation separate the two.
+        assert float(losses[i]) == pytest.approx(sum(token_losses) / len(token_losses), rel=1e-12)
+        assert float(largest[i]) == pytest.approx(max(token_losses), rel=1e-12)
+
+
+def test_output_vocab_size_reads_the_lm_head():
+    from spice_trainer.features.batches import output_vocab_size
+
+    tok = build_tokenizer(["a", "b", "c"])
+    model = build_model(tok, hidden_size=16, num_layers=1, num_heads=2)
+    assert output_vocab_size(model) == model.get_output_embeddings().weight.shape[0] == len(tok)
+    assert output_vocab_size(torch.nn.Linear(2, 2)) is None

@@ -292,7 +292,7 @@ def _selection(n_picks: int, seed: int) -> Selection:
 
     gen = torch.Generator().manual_seed(seed)
     feats = torch.randn(30, 8, generator=gen)
-    return select_from_features(feats, SpiceConfig(budget=n_picks, stop_ratio=None))
+    return select_from_features(feats, SpiceConfig(budget=n_picks, stop_rule="none", stop_ratio=None))
 
 
 def test_report_renders_rounds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -80,7 +80,7 @@ def test_method_configs() -> None:
     fisher = compare.method_config("fisher", 0.1, {})
     assert fisher is not None and fisher.conflict_weight == 0 and fisher.stop_ratio is None
     nostop = compare.method_config("paper-nostop", 0.1, {})
-    assert nostop == SpiceConfig.paper(budget=0.1, stop_ratio=None)
+    assert nostop == SpiceConfig.paper(budget=0.1, stop_rule="none", stop_ratio=None)
     name, fields = compare.parse_variant("q=max_loss_quantile:none,feature_norm:none,conflict_weight:0.5,proj_dim:64")
     assert name == "q" and fields == {
         "max_loss_quantile": None,

@@ -19,7 +19,34 @@ def test_paper_preset_matches_the_paper_and_accepts_overrides():
     # The paper's settings (docs/concepts.md): raw gradients, α = 1, λ = 0.1, ω = 0.5, watching the information gain.
     assert (cfg.fisher_scale, cfg.conflict_weight, cfg.stop_ratio, cfg.stop_on) == (1.0, 0.1, 0.5, "gain")
     assert cfg.feature_norm == "none" and cfg.max_loss_quantile is None and cfg.min_loss is None
+    assert cfg.stop_rule == "ratio" and cfg.surprise_threshold is None
     assert cfg.budget == 0.05
+
+
+def test_defaults_are_the_ones_chosen_on_the_quality_suite():
+    # docs/quality.md: unit features, the solved floor, surprise weights at log V, the plateau rule on the score.
+    cfg = SpiceConfig()
+    assert (cfg.feature_norm, cfg.min_loss, cfg.surprise_threshold, cfg.max_loss_quantile) == (
+        "unit",
+        0.1,
+        "uniform",
+        None,
+    )
+    assert (cfg.stop_rule, cfg.plateau_ratio, cfg.stop_ratio, cfg.stop_on) == ("plateau", 0.2, None, "score")
+    assert (cfg.fisher_scale, cfg.conflict_weight) == (1.0, 0.1)
+
+
+def test_the_stopping_fields_must_agree():
+    with pytest.raises(ValueError, match=r"stop_rule='ratio' needs stop_ratio \(ω\)"):
+        SpiceConfig(stop_rule="ratio")
+    with pytest.raises(ValueError, match=r"stop_ratio=0.5 is read only by stop_rule='ratio'.*pass stop_rule='ratio'"):
+        SpiceConfig(stop_ratio=0.5)
+    with pytest.raises(ValueError, match="stop_rule must be one of 'plateau', 'ratio', 'none', got 'knee'"):
+        SpiceConfig(stop_rule="knee")  # type: ignore[arg-type]
+    for bad in (0.0, 1.0, -0.2, float("nan")):
+        with pytest.raises(ValueError, match="plateau_ratio"):
+            SpiceConfig(plateau_ratio=bad)
+    assert SpiceConfig(stop_rule="ratio", stop_ratio=0.0).stop_ratio == 0.0
 
 
 @pytest.mark.parametrize(
@@ -46,7 +73,7 @@ def test_budget_count_rejects_counts_above_the_pool_and_empty_pools():
         ("budget", float("nan"), "budget must be a fraction"),
         ("fisher_scale", 0.0, "fisher_scale must be > 0, got 0.0"),
         ("conflict_weight", -1.0, "conflict_weight must be >= 0.0, got -1.0"),
-        ("stop_ratio", 1.0, r"stop_ratio must be in \[0, 1\) or None, got 1.0; use None"),
+        ("stop_ratio", 1.0, r"stop_ratio must be in \[0, 1\) or None, got 1.0; use stop_rule='none'"),
         ("stop_on", "loss", "stop_on must be one of 'gain', 'score', got 'loss'"),
         ("proj_dim", 0, "proj_dim must be a positive int, got 0"),
         ("projection", "dense", "projection must be one of"),

@@ -320,7 +320,9 @@ def test_trainer_distributed_greedy_reselection_and_store(tmp_path: Path) -> Non
     and reselection every 2 steps in grow mode: every round is identical on both ranks (the early stops
     included), each round grows the previous subset, the first equals one process's selection through its
     own store, and the dataloaders draw only selected rows."""
-    settings = {"budget": 16, "stop_ratio": 0.5, "reselect_every_steps": 2, "mode": "grow"}
+    # The paper's ω rule on raw gradients (the defaults before issue 11): it stops the first round early here.
+    stopping = {"stop_rule": "ratio", "stop_ratio": 0.5, "stop_on": "gain", "feature_norm": "none"}
+    settings = {"budget": 16, **stopping, "reselect_every_steps": 2, "mode": "grow"}
     store = tmp_path / "store"
     out = tmp_path / "run"
     out.mkdir()
@@ -350,7 +352,7 @@ def test_trainer_distributed_greedy_reselection_and_store(tmp_path: Path) -> Non
     drawn = [row for res in (r0, r1) for row in res["yielded"]]
     assert drawn and set(drawn) <= selected
 
-    expected = _reference_selection({"stop_ratio": 0.5, "budget": 16, "feature_store": str(tmp_path / "ref")})
+    expected = _reference_selection({**stopping, "budget": 16, "feature_store": str(tmp_path / "ref")})
     assert first["indices"] == expected
 
 

@@ -19,44 +19,44 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "dist_scripts"
 
 
-def _rows(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rows(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     feats = torch.randn(n, d, generator=gen)
     losses = torch.rand(n, generator=gen) * 3
     tokens = torch.randint(0, 9, (n,), generator=gen)
-    return feats, losses, tokens
+    largest = losses * (1 + torch.rand(n, generator=gen))
+    return feats, losses, tokens, largest
 
 
 def test_chunks_round_trip_through_float16(tmp_path: Path) -> None:
     n, d = 23, 5
-    feats, losses, tokens = _rows(n, d)
+    feats, losses, tokens, largest = _rows(n, d)
     feats[4] = float("nan")  # a skipped row stays NaN
     store = FeatureStore.open(tmp_path, "key", n=n, proj_dim=d, chunk_rows=8)
     assert store.num_chunks == 3 and list(store.chunk_range(2)) == list(range(16, 23))
     for chunk in range(store.num_chunks):
-        rows = store.chunk_range(chunk)
-        store.write_chunk(
-            chunk, feats[rows.start : rows.stop], losses[rows.start : rows.stop], tokens[rows.start : rows.stop]
-        )
-    got_f, got_l, got_t = store.read_rows(range(n))
+        sl = slice(store.chunk_range(chunk).start, store.chunk_range(chunk).stop)
+        store.write_chunk(chunk, feats[sl], losses[sl], tokens[sl], largest[sl])
+    got_f, got_l, got_t, got_s = store.read_rows(range(n))
     # Reference: numpy's own float16 rounding of the same values.
     expected = torch.from_numpy(feats.numpy().astype(np.float16).astype(np.float32))
     assert torch.equal(got_f.isnan(), expected.isnan())
     assert torch.equal(torch.nan_to_num(got_f), torch.nan_to_num(expected))
-    assert torch.equal(got_l, losses) and torch.equal(got_t, tokens)
+    assert torch.equal(got_l, losses) and torch.equal(got_t, tokens) and torch.equal(got_s, largest)
     # Scattered reads follow the order asked for.
-    f2, _, t2 = store.read_rows([20, 3, 7])
+    f2, _, t2, s2 = store.read_rows([20, 3, 7])
     assert torch.equal(f2, got_f[[20, 3, 7]]) and torch.equal(t2, tokens[[20, 3, 7]])
+    assert torch.equal(s2, largest[[20, 3, 7]])
 
 
 def test_fill_computes_only_missing_chunks_and_reopen_keeps_layout(tmp_path: Path) -> None:
     n, d = 30, 4
-    feats, losses, tokens = _rows(n, d)
+    feats, losses, tokens, largest = _rows(n, d)
     calls: list[list[int]] = []
 
-    def compute(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def compute(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         calls.append(rows)
-        return feats[rows], losses[rows], tokens[rows]
+        return feats[rows], losses[rows], tokens[rows], largest[rows]
 
     store = FeatureStore.open(tmp_path, "key", n=n, proj_dim=d, chunk_rows=7)
     stats = store.fill([0, 2], compute)
@@ -74,7 +74,7 @@ def test_fill_computes_only_missing_chunks_and_reopen_keeps_layout(tmp_path: Pat
     stats = again.fill(range(again.num_chunks), compute)
     assert (stats.reused, stats.computed) == (2, 3)
     assert calls == [list(range(7, 14)), list(range(21, 28)), list(range(28, 30))]
-    got, _, _ = again.read_rows(range(n))
+    got, _, _, _ = again.read_rows(range(n))
     # Stored as float16: exactly numpy's float16 rounding of the written values.
     assert torch.equal(got, torch.from_numpy(feats.numpy().astype(np.float16).astype(np.float32)))
     # No temporary files are left behind by the atomic manifest writes.
@@ -90,26 +90,28 @@ def test_store_refuses_mismatch_and_overflow(tmp_path: Path) -> None:
     store = FeatureStore.open(tmp_path, "key", n=10, proj_dim=4, chunk_rows=5)
     big = torch.full((5, 4), 1e6)
     with pytest.raises(ValueError, match="float16"):
-        store.write_chunk(0, big, torch.zeros(5), torch.ones(5, dtype=torch.long))
+        store.write_chunk(0, big, torch.zeros(5), torch.ones(5, dtype=torch.long), torch.zeros(5))
     assert not store.is_complete(0)
     with pytest.raises(ValueError, match="chunk 1 needs"):
-        store.write_chunk(1, torch.zeros(4, 4), torch.zeros(4), torch.zeros(4))
+        store.write_chunk(1, torch.zeros(4, 4), torch.zeros(4), torch.zeros(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="chunk 1 needs"):
+        store.write_chunk(1, torch.zeros(5, 4), torch.zeros(5), torch.zeros(5), torch.zeros(4))
 
 
 def _filled(tmp_path: Path, n: int = 30, d: int = 4) -> tuple[FeatureStore, tuple, list[list[int]]]:
-    feats, losses, tokens = _rows(n, d)
+    feats, losses, tokens, largest = _rows(n, d)
     feats[3] = float("nan")  # a skipped row: NaN is legitimate content, covered by the checksum like any other
     calls: list[list[int]] = []
 
-    def compute(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def compute(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         calls.append(rows)
-        return feats[rows], losses[rows], tokens[rows]
+        return feats[rows], losses[rows], tokens[rows], largest[rows]
 
     store = FeatureStore.open(tmp_path, "key", n=n, proj_dim=d, chunk_rows=7)
     store.fill(range(store.num_chunks), compute)
     calls.clear()
     store.compute = compute  # type: ignore[attr-defined]
-    return store, (feats, losses, tokens), calls
+    return store, (feats, losses, tokens, largest), calls
 
 
 def _damage(path: Path, fault: str) -> None:
@@ -125,6 +127,10 @@ def _damage(path: Path, fault: str) -> None:
         losses = np.memmap(path / "losses.f32", dtype=np.float32, mode="r+", shape=(30,))
         losses[7:14] = 0.0
         losses.flush()
+    elif fault == "zeroed_surprise":
+        surprise = np.memmap(path / "surprise.f32", dtype=np.float32, mode="r+", shape=(30,))
+        surprise[7:14] = 0.0
+        surprise.flush()
     elif fault == "truncated":
         with open(path / "features.f16", "r+b") as fh:
             fh.truncate(100)  # rows 0-11 and part of row 12 survive; numpy would zero-extend the rest
@@ -132,9 +138,11 @@ def _damage(path: Path, fault: str) -> None:
         (path / "chunks" / "000001.json").write_text("{not json")
 
 
-@pytest.mark.parametrize("fault", ["random_bytes", "nan_chunk", "zeroed_losses", "truncated", "manifest"])
+@pytest.mark.parametrize(
+    "fault", ["random_bytes", "nan_chunk", "zeroed_losses", "zeroed_surprise", "truncated", "manifest"]
+)
 def test_a_damaged_store_is_recomputed_not_read(tmp_path: Path, fault: str, caplog) -> None:
-    store, (feats, losses, tokens), calls = _filled(tmp_path)
+    store, (feats, losses, tokens, largest), calls = _filled(tmp_path)
     _damage(store.path, fault)
     with caplog.at_level("WARNING", logger="spice_trainer.features.store"):
         reopened = FeatureStore.open(tmp_path, "key", n=30, proj_dim=4, chunk_rows=7)
@@ -143,10 +151,10 @@ def test_a_damaged_store_is_recomputed_not_read(tmp_path: Path, fault: str, capl
     assert calls == [list(reopened.chunk_range(c)) for c in damaged]
     assert (stats.reused, stats.computed) == (5 - len(damaged), len(damaged))
     assert str(store.path) in caplog.text
-    got_f, got_l, got_t = reopened.read_rows(range(30))
+    got_f, got_l, got_t, got_s = reopened.read_rows(range(30))
     expected = torch.from_numpy(feats.numpy().astype(np.float16).astype(np.float32))
     assert torch.equal(torch.nan_to_num(got_f, nan=7.0), torch.nan_to_num(expected, nan=7.0))
-    assert torch.equal(got_l, losses) and torch.equal(got_t, tokens)
+    assert torch.equal(got_l, losses) and torch.equal(got_t, tokens) and torch.equal(got_s, largest)
 
 
 def test_an_unreadable_meta_json_names_the_store_and_the_fix(tmp_path: Path) -> None:
@@ -205,7 +213,7 @@ def test_fingerprint_tracks_what_changes_features() -> None:
     for change in (
         {"proj_dim": 16},
         {"projection": "gaussian"},
-        {"feature_norm": "unit"},
+        {"feature_norm": "none"},  # the default is "unit"
         {"seed": 1},
         {"max_length": 2},
     ):

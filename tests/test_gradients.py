@@ -444,7 +444,8 @@ def test_forward_only_losses_equal_the_gradient_pass_losses():
     config = SpiceConfig(proj_dim=8, batch_size=4)
     full = compute_gradient_features(model, rows, config, show_progress=False)
     model.train()
-    losses, tokens = compute_losses(model, rows, config, indices=list(range(9)), show_progress=False)
+    losses, tokens, largest = compute_losses(model, rows, config, indices=list(range(9)), show_progress=False)
     assert model.training  # the mode is restored
-    assert torch.equal(tokens, full.num_tokens) and torch.isnan(losses[3])
+    assert torch.equal(tokens, full.num_tokens) and torch.isnan(losses[3]) and torch.isnan(largest[3])
     torch.testing.assert_close(losses, full.losses, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(largest, full.max_token_losses, rtol=1e-5, atol=1e-6, equal_nan=True)

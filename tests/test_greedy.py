@@ -28,7 +28,13 @@ def _features(n: int, d: int, seed: int, dtype: torch.dtype = torch.float64) -> 
 
 
 def _cfg(**changes: object) -> SpiceConfig:
-    base: dict[str, object] = {"fisher_scale": 1.0, "conflict_weight": 0.1, "stop_ratio": None, "greedy": "exact"}
+    base: dict[str, object] = {
+        "fisher_scale": 1.0,
+        "conflict_weight": 0.1,
+        "stop_rule": "none",
+        "stop_ratio": None,
+        "greedy": "exact",
+    }
     base.update(changes)
     return SpiceConfig(**base)  # type: ignore[arg-type]
 
@@ -205,7 +211,7 @@ def test_zero_vectors_come_last_and_early_stopping_ends_the_run() -> None:
     feats[0, 0], feats[1, 1], feats[2, 2] = 2.0, 1.5, 1.0
     sel = select_from_features(feats, _cfg(budget=6))
     assert sel.indices[:3] == [0, 1, 2] and sel.gains[3:] == [0.0, 0.0, 0.0]
-    stopped = select_from_features(feats, _cfg(budget=6, stop_ratio=0.0))
+    stopped = select_from_features(feats, _cfg(budget=6, stop_rule="ratio", stop_ratio=0.0))
     assert stopped.indices == [0, 1, 2] and stopped.stop_reason == "early_stop"
 
 
@@ -224,19 +230,19 @@ def test_early_stop_fires_at_the_first_gain_below_the_ratio() -> None:
     # Gains 2, 1.5, 1.2, 0.99, ... with ω = 0.5: the threshold is 1.0, so the fourth pick is refused.
     gains = [2.0, 1.5, 1.2, 0.99, 0.9, 0.5]
     feats = _orthogonal(gains, 8)
-    sel = select_from_features(feats, _cfg(budget=6, stop_ratio=0.5))
+    sel = select_from_features(feats, _cfg(budget=6, stop_rule="ratio", stop_ratio=0.5))
     assert sel.indices == [0, 1, 2]
     assert sel.gains == pytest.approx(gains[:3], rel=1e-12)
     assert sel.stop_reason == "early_stop"
     assert sel.metadata["reference_gain"] == pytest.approx(2.0)
     # With an outside reference the rule applies from the first pick: 0.5 × 2.5 = 1.25 refuses the 1.2.
-    ref = select_from_features(feats, _cfg(budget=6, stop_ratio=0.5), reference_gain=2.5)
+    ref = select_from_features(feats, _cfg(budget=6, stop_rule="ratio", stop_ratio=0.5), reference_gain=2.5)
     assert ref.indices == [0, 1] and ref.stop_reason == "early_stop"
     # A reference so large that even the first pick fails: nothing is added.
-    none = select_from_features(feats, _cfg(budget=6, stop_ratio=0.5), reference_gain=10.0)
+    none = select_from_features(feats, _cfg(budget=6, stop_rule="ratio", stop_ratio=0.5), reference_gain=10.0)
     assert none.indices == [] and none.stop_reason == "early_stop"
     # Budget reached before the rule fires.
-    assert select_from_features(feats, _cfg(budget=3, stop_ratio=0.5)).stop_reason == "budget"
+    assert select_from_features(feats, _cfg(budget=3, stop_rule="ratio", stop_ratio=0.5)).stop_reason == "budget"
 
 
 @pytest.mark.parametrize("stop_on", ["gain", "score"])
@@ -251,7 +257,9 @@ def test_early_stop_follows_the_watched_quantity(stop_on: str) -> None:
     for omega in (0.05, 0.1, 0.2, 0.4):
         # The rule, applied by hand to the unstopped run: first t ≥ 2 whose watched value is ≤ ω · Δ_1.
         expected = next((t for t in range(1, 40) if watched[t] <= omega * ref), 40)
-        sel = select_from_features(feats, _cfg(budget=40, conflict_weight=lam, stop_ratio=omega, stop_on=stop_on))
+        sel = select_from_features(
+            feats, _cfg(budget=40, conflict_weight=lam, stop_rule="ratio", stop_ratio=omega, stop_on=stop_on)
+        )
         assert sel.indices == full.indices[:expected], omega
         assert sel.stop_reason == ("early_stop" if expected < 40 else "budget")
 
@@ -268,8 +276,12 @@ def test_score_and_gain_modes_differ_when_conflicts_matter() -> None:
 
     # An ω at which the two rules stop at different steps (the score falls below first).
     omega = next(w for w in (x / 200 for x in range(1, 200)) if stop_step(full.scores, w) < stop_step(full.gains, w))
-    by_gain = select_from_features(feats, _cfg(budget=40, conflict_weight=0.5, stop_ratio=omega, stop_on="gain"))
-    by_score = select_from_features(feats, _cfg(budget=40, conflict_weight=0.5, stop_ratio=omega, stop_on="score"))
+    by_gain = select_from_features(
+        feats, _cfg(budget=40, conflict_weight=0.5, stop_rule="ratio", stop_ratio=omega, stop_on="gain")
+    )
+    by_score = select_from_features(
+        feats, _cfg(budget=40, conflict_weight=0.5, stop_rule="ratio", stop_ratio=omega, stop_on="score")
+    )
     assert len(by_gain) == stop_step(full.gains, omega)
     assert len(by_score) == stop_step(full.scores, omega) < len(by_gain)
 
@@ -280,7 +292,8 @@ def test_score_and_gain_modes_differ_when_conflicts_matter() -> None:
 @pytest.mark.parametrize("stop_ratio", [None, 0.35])
 def test_pooled_equals_exact_greedy_on_each_pool_in_turn(stop_ratio: float | None) -> None:
     feats = _features(130, 6, seed=31)
-    cfg = _cfg(greedy="pooled", pool_size=20, picks_per_pool=4, budget=22, stop_ratio=stop_ratio)
+    rule = "none" if stop_ratio is None else "ratio"
+    cfg = _cfg(greedy="pooled", pool_size=20, picks_per_pool=4, budget=22, stop_rule=rule, stop_ratio=stop_ratio)
     sel = select_from_features(feats, cfg)
     picked: list[int] = []
     reference: float | None = None
@@ -490,11 +503,14 @@ def test_lazy_greedy_with_initial_rows_masks_and_early_stopping() -> None:
     mask = torch.ones(2500, dtype=torch.bool)
     mask[::3] = False
     lazy = select_from_features(
-        feats, _cfg(budget=200, conflict_weight=0.2, stop_ratio=0.3), initial=[5, 9, 700], eligible=mask
+        feats,
+        _cfg(budget=200, conflict_weight=0.2, stop_rule="ratio", stop_ratio=0.3),
+        initial=[5, 9, 700],
+        eligible=mask,
     )
     incremental = select_from_features(
         feats,
-        _cfg(budget=200, conflict_weight=0.2, stop_ratio=0.3, exact_search="incremental"),
+        _cfg(budget=200, conflict_weight=0.2, stop_rule="ratio", stop_ratio=0.3, exact_search="incremental"),
         initial=[5, 9, 700],
         eligible=mask,
     )

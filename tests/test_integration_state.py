@@ -20,7 +20,7 @@ from spice_trainer.integrations.state import (
     read_checkpoint_state,
 )
 
-CONFIG = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2)
+CONFIG = SpiceConfig(budget=0.25, stop_rule="none", stop_ratio=None, proj_dim=32, reselect_every_steps=2)
 
 
 @pytest.fixture(scope="module")

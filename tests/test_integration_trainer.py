@@ -48,7 +48,7 @@ def _train(tmp_path, config, *, data=None, model=None, stop_at=None, eval_datase
 
 
 def test_dataloader_draws_only_the_selected_rows_and_steps_span_the_subset(tmp_path):
-    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32)
+    config = SpiceConfig(budget=0.25, stop_rule="none", stop_ratio=None, proj_dim=32)
     trainer, callback, collator, data = _train(tmp_path, config, gradient_accumulation_steps=2)
     selected = callback.selected
     assert len(selected) == 8  # 25% of 32 rows, no early stopping
@@ -79,7 +79,9 @@ def test_first_selection_equals_offline_select(tmp_path):
 
 
 def test_reselection_fires_on_schedule_and_changes_what_is_drawn(tmp_path):
-    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2, mode="replace")
+    config = SpiceConfig(
+        budget=0.25, stop_rule="none", stop_ratio=None, proj_dim=32, reselect_every_steps=2, mode="replace"
+    )
     trainer, callback, _, data = _train(tmp_path, config, num_train_epochs=4, learning_rate=5e-2)
     assert [r.step for r in callback.rounds] == [0, 2, 4, 6]  # the final step (8) selects nothing
     logged = [entry for entry in trainer.state.log_history if "spice/round" in entry]
@@ -98,7 +100,13 @@ def test_reselection_fires_on_schedule_and_changes_what_is_drawn(tmp_path):
 def test_grow_never_drops_a_selected_row(tmp_path):
     # ω = 0.9 stops the first round early, leaving room in the budget for later rounds to grow into.
     config = SpiceConfig(
-        budget=0.5, stop_ratio=0.9, feature_norm="none", proj_dim=32, reselect_every_steps=1, mode="grow"
+        budget=0.5,
+        stop_rule="ratio",
+        stop_ratio=0.9,
+        feature_norm="none",
+        proj_dim=32,
+        reselect_every_steps=1,
+        mode="grow",
     )
     _, callback, _, _ = _train(tmp_path, config, num_train_epochs=3, learning_rate=5e-2)
     subsets = [switch.rows for switch in callback.sampler.history]
@@ -172,7 +180,7 @@ def test_resume_from_every_checkpoint_reproduces_the_uninterrupted_run(tmp_path,
     # 16 selected rows, batch 2: 8 batches in the one epoch, so every round lands mid-epoch, where the dataloader
     # has drawn ahead (1 batch without workers, 2 workers x 2 prefetched with); a checkpoint every 2 optimizer
     # steps. A round at a checkpoint step is saved with that checkpoint; the batches drawn before it are not.
-    config = SpiceConfig(budget=0.5, stop_ratio=None, proj_dim=32, reselect_every_steps=schedule)
+    config = SpiceConfig(budget=0.5, stop_rule="none", stop_ratio=None, proj_dim=32, reselect_every_steps=schedule)
     common = {
         "num_train_epochs": 1,
         "per_device_train_batch_size": 2,
@@ -207,7 +215,7 @@ def test_resume_from_every_checkpoint_reproduces_the_uninterrupted_run(tmp_path,
 def test_a_subset_applies_from_what_the_trainer_consumed_whatever_the_workers(tmp_path):
     # Prefetching (accelerate's look-ahead, workers x prefetch_factor) draws batches ahead of training; where a
     # new subset applies must not depend on it.
-    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=3)
+    config = SpiceConfig(budget=0.25, stop_rule="none", stop_ratio=None, proj_dim=32, reselect_every_steps=3)
     data = tw.dataset()
     runs = []
     for workers, prefetch in ((0, None), (2, 2), (2, 6)):
@@ -320,7 +328,7 @@ def _trainer_state(checkpoint):
 
 
 def test_checkpoints_carry_the_selection_state_in_trainer_state(tmp_path):
-    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=3)
+    config = SpiceConfig(budget=0.25, stop_rule="none", stop_ratio=None, proj_dim=32, reselect_every_steps=3)
     _, callback, _ = _run(
         tmp_path / "run", config, tw.dataset(), num_train_epochs=2, save_strategy="steps", save_steps=2
     )
@@ -337,7 +345,7 @@ def test_checkpoints_carry_the_selection_state_in_trainer_state(tmp_path):
 def test_a_kill_right_after_a_checkpoint_still_resumes_exactly(tmp_path):
     # The kill comes in on_save, after the trainer wrote checkpoint-4 and rotated the older ones: a state written
     # by the callback's own on_save (after this one) would be missing from checkpoint-4.
-    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2)
+    config = SpiceConfig(budget=0.25, stop_rule="none", stop_ratio=None, proj_dim=32, reselect_every_steps=2)
     common = {"num_train_epochs": 3, "learning_rate": 5e-2, "save_strategy": "steps", "save_steps": 2}
     data = tw.dataset()
     full, _, full_consumed = _run(tmp_path / "full", config, data, **common)
@@ -398,7 +406,7 @@ def test_resuming_a_run_without_the_callback_is_an_error_not_zero_steps(tmp_path
 
 def test_restore_callback_states_from_checkpoint_keeps_the_live_callback(tmp_path):
     # transformers rebuilds exportable callbacks from the checkpoint when asked to; SpiceDataCallback stays itself.
-    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2)
+    config = SpiceConfig(budget=0.25, stop_rule="none", stop_ratio=None, proj_dim=32, reselect_every_steps=2)
     common = {"num_train_epochs": 2, "learning_rate": 5e-2, "save_strategy": "steps", "save_steps": 2}
     data = tw.dataset()
     _, _, full_consumed = _run(tmp_path / "full", config, data, **common)
@@ -523,7 +531,7 @@ def _batches_of(way, tmp_path, config, data):
 
 
 def test_add_callback_works_like_the_callbacks_list_in_any_order(tmp_path):
-    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2)
+    config = SpiceConfig(budget=0.25, stop_rule="none", stop_ratio=None, proj_dim=32, reselect_every_steps=2)
     data = tw.dataset()
     reference = _batches_of("callbacks", tmp_path, config, data)
     assert reference[2] == [0, 2]  # two epochs of 2 steps: rounds at steps 0 and 2
@@ -562,7 +570,7 @@ def test_a_callback_belongs_to_one_trainer(tmp_path):
 
 
 def test_a_second_train_is_a_new_run_with_every_scheduled_round(tmp_path):
-    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2)
+    config = SpiceConfig(budget=0.25, stop_rule="none", stop_ratio=None, proj_dim=32, reselect_every_steps=2)
     model = tw.model()
     consumed = tw.Consumed(model)
     callback = SpiceDataCallback(config)
@@ -611,7 +619,7 @@ def test_two_ranks_resume_from_reselection_checkpoints_like_the_uninterrupted_ru
     # dataloader has already drawn its next batch from the old subset.
     from test_distributed import torchrun
 
-    settings = json.dumps({"budget": 12, "stop_ratio": None, "reselect_every_steps": 2})
+    settings = json.dumps({"budget": 12, "stop_rule": "none", "stop_ratio": None, "reselect_every_steps": 2})
     full = tmp_path / "full"
     full.mkdir()
     torchrun("trainer_run.py", 2, str(full), settings, "3", "none", "2")
@@ -633,7 +641,9 @@ def test_two_ranks_resume_from_reselection_checkpoints_like_the_uninterrupted_ru
 def test_resume_with_cheap_reselection_reproduces_the_uninterrupted_run(tmp_path):
     # reselect_shortlist: later rounds measure a shortlist chosen from the memory of earlier rounds; the
     # checkpoint carries that memory (spice_feature_cache.pt, its checksum in trainer_state.json).
-    config = SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32, reselect_every_steps=2, reselect_shortlist=0.5)
+    config = SpiceConfig(
+        budget=0.25, stop_rule="none", stop_ratio=None, proj_dim=32, reselect_every_steps=2, reselect_shortlist=0.5
+    )
     common = {"num_train_epochs": 2, "per_device_train_batch_size": 2, "learning_rate": 5e-2}
     data = tw.dataset()
     full, full_callback, full_consumed = _run(

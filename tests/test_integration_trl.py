@@ -54,7 +54,9 @@ def _sft(tmp_path, data, config, **overrides):
 
 def test_prompt_completion_selects_and_draws_only_selected_rows_with_completion_only_loss(tmp_path):
     data = Dataset.from_list(_text_rows())
-    trainer, callback, recorder = _sft(tmp_path, data, SpiceConfig(budget=0.25, stop_ratio=None, proj_dim=32))
+    trainer, callback, recorder = _sft(
+        tmp_path, data, SpiceConfig(budget=0.25, stop_rule="none", stop_ratio=None, proj_dim=32)
+    )
     processed = trainer.train_dataset
     # TRL's completion-only loss is on: the prompt's tokens carry no label.
     assert all(processed[r]["labels"][:3] == [-100] * 3 for r in range(len(processed)))
@@ -166,7 +168,10 @@ def test_a_round_is_seen_on_the_console_in_the_metrics_and_in_tensorboard(tmp_pa
     data = Dataset.from_list(_text_rows(24))
     with caplog.at_level(logging.INFO, logger="spice_trainer"):
         trainer, callback, recorder = _sft(
-            tmp_path, data, SpiceConfig(budget=6, stop_ratio=None, proj_dim=32), report_to="tensorboard"
+            tmp_path,
+            data,
+            SpiceConfig(budget=6, stop_rule="none", stop_ratio=None, proj_dim=32),
+            report_to="tensorboard",
         )
     selection = callback.selection
     meta = selection.metadata

@@ -12,7 +12,7 @@ from test_distributed import torchrun
 from spice_trainer import SpiceConfig, select
 from spice_trainer.core.greedy import select_from_features
 from spice_trainer.features.gradients import compute_gradient_features
-from spice_trainer.pipeline import eligible_rows
+from spice_trainer.pipeline import row_guards
 
 
 def _rows():
@@ -24,7 +24,7 @@ def _rows():
 @pytest.mark.parametrize(
     "guards",
     [
-        {},  # the defaults: min_loss 0.1 and the 30 % loss quantile
+        {"max_loss_quantile": 0.3},  # min_loss 0.1 and a 30 % loss quantile (the defaults before issue 11)
         {"min_loss": 4.2, "max_loss_quantile": 0.6},  # a floor inside this model's losses (4.13-4.28) too
         {"min_loss": None, "max_loss_quantile": 0.5},
     ],
@@ -35,12 +35,13 @@ def test_losses_first_selects_exactly_what_a_full_gradient_pass_selects(guards, 
     config = SpiceConfig(budget=6, proj_dim=24, batch_size=4, **guards)
     # Independent reference: every row's gradient features, the eligibility rule, then the greedy.
     full = compute_gradient_features(model, data, config, show_progress=False)
-    eligible = eligible_rows(full, config)
+    guards = row_guards(full, config)
+    eligible = guards.eligible
     assert 6 <= int(eligible.sum()) < 39  # the guard really leaves rows out
     # grow: one eligible and one ineligible initial row (its features are needed although it is not eligible).
     ineligible = [int(i) for i in (~eligible).nonzero().flatten() if int(i) != 5]  # row 5 has no features
     initial = [int(eligible.nonzero()[0]), ineligible[0]] if grow else None
-    ref = select_from_features(full.features, config, eligible=eligible, initial=initial)
+    ref = select_from_features(guards.scale(full.features), config, eligible=eligible, initial=initial)
     got = select(model, data, config, show_progress=False, initial=initial)
     assert got.indices == ref.indices and got.initial == ref.initial
     assert got.skipped == ref.skipped == [5]
@@ -53,8 +54,8 @@ def test_losses_first_selects_exactly_what_a_full_gradient_pass_selects(guards, 
 @pytest.mark.parametrize(
     "settings,losses_first",
     [
-        ({}, True),  # the defaults: at most 30 % of the pool is eligible
-        ({"max_loss_quantile": None}, False),  # min_loss alone bounds nothing before the losses are known
+        ({"max_loss_quantile": 0.3}, True),  # at most 30 % of the pool is eligible
+        ({}, False),  # the defaults: min_loss alone bounds nothing before the losses are known
         ({"max_loss_quantile": 0.9}, False),  # a forward over the pool would cost more than it saves
         ({"budget": 30}, False),  # the guard keeps at least the budget: 75 % of the pool
     ],
@@ -71,7 +72,8 @@ def test_without_a_guard_every_row_is_measured():
     model, data = tw.model(), _rows()
     config = SpiceConfig(budget=6, proj_dim=24, batch_size=4, min_loss=None, max_loss_quantile=None)
     full = compute_gradient_features(model, data, config, show_progress=False)
-    ref = select_from_features(full.features, config, eligible=eligible_rows(full, config))
+    guards = row_guards(full, config)
+    ref = select_from_features(guards.scale(full.features), config, eligible=guards.eligible)
     got = select(model, data, config, show_progress=False)
     assert got.indices == ref.indices and got.gains == pytest.approx(ref.gains, rel=1e-6)
     assert torch.isfinite(full.features).sum() > 0

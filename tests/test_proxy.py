@@ -51,6 +51,7 @@ def _config(**overrides):
         "proxy_learning_rate": 5e-2,
         "min_loss": None,
         "max_loss_quantile": None,
+        "surprise_threshold": None,  # no guard: the references below run the greedy on bare features
     }
     settings.update(overrides)
     return SpiceConfig(**settings)
@@ -78,7 +79,7 @@ def _same(a, b):
 
 def test_online_regime_without_refresh_equals_pooled_greedy_on_the_proxys_features():
     data = tw.dataset(48)
-    config = _config(budget=10, proxy_refresh_every_pools=100, stop_ratio=0.6)
+    config = _config(budget=10, proxy_refresh_every_pools=100, stop_rule="ratio", stop_ratio=0.6)
     proxy = ProxyModel(_proxy_base(), config, target=_target(), tokenizer=TOK)
     online = proxy.select_online(data, config)
     # Reference: the library's pooled greedy on the proxy's features, computed pool by pool (same batches).
@@ -400,7 +401,9 @@ def test_agreement_of_a_proxy_identical_to_the_target_is_perfect():
     feats = compute_gradient_features(target, data, config, indices=agreement.probe_rows, show_progress=False)
     assert sorted(agreement.target_picks) == sorted(
         agreement.probe_rows[i]
-        for i in select_from_features(feats.features, config.with_changes(budget=12, greedy="exact")).indices
+        for i in select_from_features(
+            feats.features, config.with_changes(budget=12, greedy="exact", stop_rule="none")
+        ).indices
     )
 
 

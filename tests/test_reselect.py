@@ -9,9 +9,9 @@ from transformers import Trainer
 
 from spice_trainer import SpiceConfig, SpiceDataCallback, select
 from spice_trainer.core.greedy import select_from_features
-from spice_trainer.features.gradients import GradientFeatures, compute_gradient_features
+from spice_trainer.core.guards import candidate_guards
+from spice_trainer.features.gradients import compute_gradient_features
 from spice_trainer.features.reselect import FeatureCache, shortlist
-from spice_trainer.pipeline import eligible_rows
 
 # Every row eligible: the shortlist is then decided by the remembered norms alone.
 OPEN = {"min_loss": None, "max_loss_quantile": None, "proj_dim": 24, "batch_size": 4}
@@ -27,9 +27,11 @@ def _cache(sqnorms, selected=(), losses=None, config=None):
         torch.as_tensor(sqnorms, dtype=torch.float64),
         losses,
         torch.ones(n, dtype=torch.long),
+        losses,  # one supervised token: the largest token loss is the loss
         list(selected),
         config,
         n,
+        vocab_size=100,
     )
     return cache, config
 
@@ -45,6 +47,14 @@ def test_shortlist_keeps_the_selection_then_the_largest_remembered_norms():
     assert shortlist(cache, config, eligible, initial=[8]) == [1, 2, 5, 6, 8]
     # The budget is a floor on the size.
     assert len(shortlist(cache, config.with_changes(reselect_shortlist=0.1, budget=4), eligible)) == 4
+
+
+def test_shortlist_breaks_equal_norms_by_the_larger_remembered_loss():
+    # Unit features: every trusted row remembers the norm 1; the loss (what is left to learn) decides.
+    cache, config = _cache([1.0] * 6, selected=[0], losses=[0.2, 0.9, 0.3, 0.9, 1.5, 0.1])
+    config = config.with_changes(reselect_shortlist=0.5, budget=1)
+    # Size 3: row 0 (selected), then loss 1.5 (row 4), then 0.9 (rows 1 and 3: the lower row).
+    assert shortlist(cache, config, torch.ones(6, dtype=torch.bool)) == [0, 1, 4]
 
 
 def test_shortlist_fills_with_unsolved_rows_just_above_the_guard_and_skips_unmeasurable_ones():
@@ -63,10 +73,18 @@ def test_memory_is_reused_only_for_the_same_pool_and_feature_settings():
     assert cache.usable(3, config)
     assert cache.usable(3, config.with_changes(budget=2, conflict_weight=0.3))  # greedy settings: fine
     assert not cache.usable(4, config)
-    for change in ({"proj_dim": 8}, {"projection": "kronecker"}, {"seed": 1}, {"feature_norm": "unit"}):
+    for change in ({"proj_dim": 8}, {"projection": "kronecker"}, {"seed": 1}, {"feature_norm": "none"}):
         assert not cache.usable(3, config.with_changes(**change)), change
     with pytest.raises(ValueError, match="record the whole pool first"):
-        FeatureCache().record([0], torch.ones(1), torch.ones(1), torch.ones(1), [], config, 3)
+        FeatureCache().record([0], torch.ones(1), torch.ones(1), torch.ones(1), torch.ones(1), [], config, 3)
+
+
+def test_memory_round_trips_through_its_state_dict():
+    cache, _ = _cache([1.0, float("nan"), 3.0], selected=[2])
+    again = FeatureCache.from_state_dict(cache.state_dict())
+    for name in ("sqnorms", "losses", "num_tokens", "max_token_losses", "measured_round"):
+        assert torch.equal(getattr(again, name).nan_to_num(-1), getattr(cache, name).nan_to_num(-1)), name
+    assert (again.vocab_size, again.selected, again.rounds, again.key) == (100, [2], 1, cache.key)
 
 
 def test_a_shortlist_of_the_whole_pool_is_a_full_round():
@@ -95,6 +113,7 @@ def test_shortlist_round_is_the_greedy_on_fresh_features_of_the_shortlist(mode):
     cache = FeatureCache()
     first = select(model, data, config, show_progress=False, feature_cache=cache)
     stale_losses, stale_tokens = cache.losses.clone(), cache.num_tokens.clone()
+    stale_largest = cache.max_token_losses.clone()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -103,22 +122,26 @@ def test_shortlist_round_is_the_greedy_on_fresh_features_of_the_shortlist(mode):
     before = copy.deepcopy(cache)
     cheap = select(model, data, config, show_progress=False, feature_cache=cache, initial=initial)
 
-    # Independent reference: fresh features of every row, the pipeline's eligibility rule on losses that are fresh
-    # on the shortlist and remembered elsewhere, the greedy restricted to the shortlist.
-    def _eligible(losses, tokens, config):
-        return eligible_rows(GradientFeatures(torch.zeros(len(losses), 1), losses, tokens), config)
+    # Independent reference: fresh features of every row, the guards on losses that are fresh on the shortlist
+    # and remembered elsewhere, the greedy restricted to the shortlist.
+    vocab = fresh_vocab = before.vocab_size
 
-    rows = shortlist(before, config, _eligible(stale_losses, stale_tokens, config), initial)
+    def _guards(losses, tokens, largest):
+        return candidate_guards(losses, tokens, config, max_token_losses=largest, vocab_size=vocab)
+
+    rows = shortlist(before, config, _guards(stale_losses, stale_tokens, stale_largest).eligible, initial)
     assert len(rows) == 13  # ceil(0.4 * 32)
     fresh = compute_gradient_features(model, data, config, show_progress=False)
-    losses, tokens = stale_losses.clone(), stale_tokens.clone()
+    assert fresh.vocab_size == fresh_vocab
+    losses, tokens, largest = stale_losses.clone(), stale_tokens.clone(), stale_largest.clone()
     losses[rows], tokens[rows] = fresh.losses[rows], fresh.num_tokens[rows]
-    eligible = _eligible(losses, tokens, config)
+    largest[rows] = fresh.max_token_losses[rows]
+    guards = _guards(losses, tokens, largest)
     position = {r: i for i, r in enumerate(rows)}
     ref = select_from_features(
-        fresh.features[rows],
+        guards.scale(fresh.features[rows], torch.tensor(rows)),
         config.with_changes(budget=6),
-        eligible=eligible[rows],
+        eligible=guards.eligible[rows],
         initial=[position[r] for r in initial] if initial else None,
     )
     assert cheap.indices == [rows[i] for i in ref.indices]

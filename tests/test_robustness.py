@@ -234,12 +234,15 @@ def test_a_huge_gradient_outlier_unit_norm_versus_paper():
     # normalise the same float32 vector in float32: each within gamma_{d+2} (relative) of the exact unit vector.
     expected = raw / raw.norm(dim=1, keepdim=True)
     assert bool(((unit - expected).abs() <= 2 * gamma(32 + 2) * expected.abs()).all())
-    baseline = select_from_features(unit, SpiceConfig(budget=4, stop_ratio=None))
+    baseline = select_from_features(unit, SpiceConfig(budget=4, stop_rule="none", stop_ratio=None))
     row = next(i for i in range(16) if i not in baseline.indices)  # a row unit norm does not pick
     scaled = raw.clone()
     scaled[row] *= 1e6
     unit_scaled = scaled / scaled.norm(dim=1, keepdim=True)
-    assert select_from_features(unit_scaled, SpiceConfig(budget=4, stop_ratio=None)).indices == baseline.indices
+    assert (
+        select_from_features(unit_scaled, SpiceConfig(budget=4, stop_rule="none", stop_ratio=None)).indices
+        == baseline.indices
+    )
     # The paper preset (raw gradients, no loss guard) takes the outlier first: Δ = log(1 + α‖g‖²) is huge.
     paper = select_from_features(scaled, SpiceConfig.paper(budget=4))
     assert paper.indices[0] == row
@@ -336,7 +339,7 @@ def test_drop_last_with_a_subset_smaller_than_a_batch_names_the_subset(tmp_path)
     with pytest.raises(ValueError, match=r"the budget allows at most 3 rows, fewer than one batch .*= 4\)"):
         _trainer(tmp_path, CFG.with_changes(budget=3), dataloader_drop_last=True, max_steps=2)
     # Early stopping can leave fewer rows than the budget: named once the round has run.
-    stops_early = CFG.with_changes(budget=8, stop_ratio=0.999, feature_norm="unit")
+    stops_early = CFG.with_changes(budget=8, stop_rule="ratio", stop_ratio=0.999, feature_norm="unit")
     trainer, *_ = _trainer(tmp_path, stops_early, dataloader_drop_last=True, max_steps=2)
     with pytest.raises(ValueError, match=r"SPICE selected [1-3] rows, fewer than one batch"):
         trainer.train()

@@ -17,7 +17,7 @@ def _selection() -> Selection:
     gen = torch.Generator(device="cpu").manual_seed(0)
     feats = torch.randn(120, 10, generator=gen)
     feats[7, 3] = float("nan")
-    sel = select_from_features(feats, SpiceConfig(budget=25, stop_ratio=0.2), initial=[0, 1])
+    sel = select_from_features(feats, SpiceConfig(budget=25, stop_rule="ratio", stop_ratio=0.2), initial=[0, 1])
     sel.metadata["round"] = 3
     return sel
 

@@ -15,6 +15,7 @@ from spice_trainer.core.stopping import (
     STOP_REASONS,
     NeverStop,
     PickHistory,
+    PlateauStop,
     RatioStop,
     check_cut,
     stopping_rule,
@@ -30,7 +31,7 @@ def _features(n: int, d: int, seed: int) -> torch.Tensor:
 
 
 def _cfg(**changes: object) -> SpiceConfig:
-    base: dict[str, object] = {"fisher_scale": 1.0, "conflict_weight": 0.5, "stop_ratio": None}
+    base: dict[str, object] = {"fisher_scale": 1.0, "conflict_weight": 0.5, "stop_rule": "none"}
     base.update(changes)
     return SpiceConfig(**base)  # type: ignore[arg-type]
 
@@ -48,7 +49,7 @@ def test_ratio_rule_follows_its_definition() -> None:
     assert given.reference == 4.0 and rule.should_stop(1.9, 1.9, given)  # from the first pick on
     assert rule.cut([3.0, 2.0, 1.0], [3.0, 2.0, 1.0]) == 3
     assert isinstance(stopping_rule(_cfg()), NeverStop)
-    assert isinstance(stopping_rule(_cfg(stop_ratio=0.2, stop_on="score")), RatioStop)
+    assert isinstance(stopping_rule(_cfg(stop_rule="ratio", stop_ratio=0.2, stop_on="score")), RatioStop)
     with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
         RatioStop(1.0)
     with pytest.raises(ValueError, match="watch"):
@@ -162,3 +163,80 @@ def test_a_stop_ends_one_pool_and_the_stream_goes_on() -> None:
     assert len(sel) == 10 and sel.metadata["pools_visited"] == 10 and sel.metadata["pools_stopped_early"] == 10
     assert [row // 10 for row in sel.indices] == list(range(10))
     assert sel.stop_reason == "early_stop"
+
+
+# --- the plateau rule (the default) -----------------------------------------------------------------------
+
+
+def _plateau_by_hand(values: list[float], ratio: float, window: int) -> int:
+    """The plateau rule's definition applied to a finished curve, every mean recomputed from scratch: the number
+    of picks kept (the first refused candidate's position), or ``len(values)``."""
+    for t in range(len(values)):
+        older = t - (window - 1)
+        if older < window:
+            continue
+        recent = sum(values[older : t + 1]) / window
+        if recent <= ratio * (sum(values[:older]) / older):
+            return t
+    return len(values)
+
+
+def _replay(rule: PlateauStop, values: list[float]) -> int:
+    """Offer the values one by one to ``rule`` as a loop would; the number accepted."""
+    history = PickHistory()
+    for t, value in enumerate(values):
+        if rule.should_stop(value, value, history):
+            return t
+        history.append(value, value, 0.0)
+    return len(values)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("ratio", "window"), [(0.2, 3), (0.1, 1), (0.5, 5)])
+def test_plateau_rule_follows_its_definition(seed: int, ratio: float, window: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    # Curves of several shapes: a decay to a floor with noise, a plain decay, a flat start then a drop.
+    t = torch.arange(1, 301, dtype=torch.float64)
+    floor = float(torch.rand((), generator=gen, dtype=torch.float64)) * 0.05
+    knee = 20 + int(torch.randint(150, (), generator=gen))
+    shapes = [
+        torch.where(t < knee, 0.7 - 0.3 * t / knee, floor) + 0.01 * torch.rand(300, generator=gen, dtype=torch.float64),
+        1.0 / t,
+        torch.rand(300, generator=gen, dtype=torch.float64).sort(descending=True).values,
+    ]
+    for curve in shapes:
+        values = curve.tolist()
+        assert _replay(PlateauStop(ratio, "score", window), values) == _plateau_by_hand(values, ratio, window)
+
+
+def test_plateau_rule_stops_at_the_tail_and_not_on_a_smooth_decay() -> None:
+    flat_tail = [0.7 - 0.004 * i for i in range(100)] + [0.01] * 200
+    kept = _replay(PlateauStop(0.2), flat_tail)
+    assert 100 <= kept <= 102  # the first tail values pull the 3-pick mean under a fifth of ~0.5
+    # v_t = 1/t: recent / history mean ≈ 1/(ln t + 0.58), which reaches 0.2 only near t ≈ e^(5 - 0.58) ≈ 83.
+    kept = _replay(PlateauStop(0.2), [1.0 / (i + 1) for i in range(300)])
+    assert 60 <= kept <= 110
+    assert _replay(PlateauStop(0.2), [0.5] * 300) == 300  # a flat curve from the start never "levels off" below itself
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\)"):
+        PlateauStop(0.0)
+    with pytest.raises(ValueError, match="window"):
+        PlateauStop(0.2, window=0)
+    assert isinstance(stopping_rule(SpiceConfig()), PlateauStop)  # the default
+
+
+def test_plateau_rule_on_a_mostly_redundant_pool_stops_well_short_of_half() -> None:
+    # 400 rows: 30 informative unit directions, and 370 rows that add little: copies of those directions
+    # carrying a fifth of a row's weight (what the surprise weights and the exhausted directions leave them).
+    # Budget 50 %: the rule must stop right after the informative rows, far short of 200.
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(30, 64, generator=gen, dtype=torch.float64)
+    basis = basis / basis.norm(dim=1, keepdim=True)
+    copies = basis[torch.arange(370) % 30] + 0.05 * torch.randn(370, 64, generator=gen, dtype=torch.float64)
+    copies = 0.2 * copies / copies.norm(dim=1, keepdim=True)
+    rows = torch.cat([basis, copies])[torch.randperm(400, generator=gen)]
+    sel = select_from_features(rows, SpiceConfig(budget=0.5))
+    assert sel.stop_reason == "early_stop"
+    assert 28 <= len(sel) <= 45, len(sel)
+    # What it kept is exactly the rule applied by hand to the unstopped run's curve.
+    full = select_from_features(rows, SpiceConfig(budget=0.5, stop_rule="none"))
+    assert sel.indices == full.indices[: _plateau_by_hand(full.scores, 0.2, 3)]

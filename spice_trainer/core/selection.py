@@ -40,6 +40,13 @@ class Selection:
             ``"early_stop"`` (the stopping rule) or ``"exhausted"`` (no eligible candidate was left).
         n_candidates: rows in the pool (``n``).
         skipped: rows with non-finite features, never picked.
+        excluded: the rows the candidate guards made ineligible, by reason (each row under its first reason, in
+            this order): ``"no_supervised_token"``, ``"non_finite_loss"``, ``"non_finite_gradient"``, ``"solved"``
+            (loss at or below ``min_loss``), ``"loss_cap"`` (above the ``max_loss_quantile`` cap). Empty when the
+            greedy ran on bare features (`select_from_features`).
+        down_weighted_rows: rows that stayed eligible with a weight below 1 (a label token more surprising than
+            ``surprise_threshold``), ascending.
+        down_weights: the weight of each row of ``down_weighted_rows`` (its Fisher contribution's factor).
         initial: rows that were already selected before this round (mode ``"grow"``).
         config: ``SpiceConfig.to_dict()`` of the run.
         metadata: free-form facts (round, step, seconds, method, reference gain, ...).
@@ -55,6 +62,9 @@ class Selection:
     stop_reason: StopReason = "budget"
     n_candidates: int = 0
     skipped: list[int] = field(default_factory=list)
+    excluded: dict[str, list[int]] = field(default_factory=dict)
+    down_weighted_rows: list[int] = field(default_factory=list)
+    down_weights: list[float] = field(default_factory=list)
     initial: list[int] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -67,6 +77,11 @@ class Selection:
                     f"Selection.{name} has {len(getattr(self, name))} entries but there are {k} picks; "
                     "every per-pick list must have one entry per index"
                 )
+        if len(self.down_weights) != len(self.down_weighted_rows):
+            raise ValueError(
+                f"Selection.down_weights has {len(self.down_weights)} entries for {len(self.down_weighted_rows)} "
+                "down_weighted_rows; give one weight per row"
+            )
         if self.stop_reason not in STOP_REASONS:
             choices = ", ".join(repr(reason) for reason in STOP_REASONS)
             raise ValueError(f"stop_reason must be one of {choices}, got {self.stop_reason!r}")
@@ -102,6 +117,11 @@ class Selection:
         """Every selected row: ``initial`` followed by this round's picks."""
         return [*self.initial, *self.indices]
 
+    def weight_of(self, rows: Sequence[int]) -> list[float]:
+        """The trust weight each of ``rows`` counted with (1.0 unless it is in ``down_weighted_rows``)."""
+        weights = dict(zip(self.down_weighted_rows, self.down_weights, strict=True))
+        return [float(weights.get(int(r), 1.0)) for r in rows]
+
     # --- as a dataset ------------------------------------------------------------------------
 
     def to_dataset(self, train_dataset: Any, *, rows: Sequence[int] | None = None) -> Any:
@@ -114,6 +134,7 @@ class Selection:
         - ``spice_pick``: its position in this round's pick order (``None`` for ``initial`` rows);
         - ``spice_gain`` (Δ), ``spice_base_gain`` (b), ``spice_conflict`` (c), ``spice_score`` (Δ − λc):
           the pick's numbers (``None`` for ``initial`` rows, chosen in an earlier round);
+        - ``spice_weight``: the trust weight the row counted with (`weight_of`; below 1 for a surprising label);
         - ``spice_round``: the selection round (``metadata["round"]``, 0 outside a trainer).
 
         Args:
@@ -161,6 +182,7 @@ class Selection:
             "spice_base_gain": none + [float(v) for v in self.base_gains],
             "spice_conflict": none + [float(v) for v in self.conflicts],
             "spice_score": none + [float(v) for v in self.scores],
+            "spice_weight": self.weight_of(selected),
             "spice_round": [round_index] * len(rows),
         }
         clash = sorted(set(added) & set(out.column_names))
@@ -170,7 +192,11 @@ class Selection:
             "spice_row": datasets.Value("int64"),
             "spice_pick": datasets.Value("int64"),
             "spice_round": datasets.Value("int64"),
-            **{name: datasets.Value("float64") for name in added if name.endswith(("gain", "conflict", "score"))},
+            **{
+                name: datasets.Value("float64")
+                for name in added
+                if name.endswith(("gain", "conflict", "score", "weight"))
+            },
         }
         for name, values in added.items():
             out = out.add_column(name, values, feature=features[name])
@@ -209,6 +235,15 @@ class Selection:
         ]
         if self.skipped:
             lines.append(f"  skipped (non-finite features): {len(self.skipped)}")
+        if self.excluded:
+            lines.append(
+                "  excluded: " + ", ".join(f"{len(rows)} {reason}" for reason, rows in self.excluded.items() if rows)
+            )
+        if self.down_weighted_rows:
+            picked = sum(1 for w in self.weight_of(self.indices) if w < 1.0)
+            lines.append(
+                f"  down-weighted (surprising labels): {len(self.down_weighted_rows)} rows, {picked} of them picked"
+            )
         if k:
             mean_c = sum(self.conflicts) / k
             nonzero = sum(1 for c in self.conflicts if c > 0)
@@ -227,7 +262,7 @@ class Selection:
                 "  config: "
                 + ", ".join(
                     f"{key}={cfg[key]!r}"
-                    for key in ("budget", "fisher_scale", "conflict_weight", "stop_ratio", "stop_on", "greedy")
+                    for key in ("budget", "fisher_scale", "conflict_weight", "stop_rule", "stop_on", "greedy")
                     if key in cfg
                 )
             )

@@ -129,12 +129,70 @@ class RatioStop:
         return len(gains)
 
 
+class PlateauStop:
+    """Stop when the marginal (penalized) gain has levelled off: "stop adding data when the gain levels off".
+
+    With ``v_1, v_2, …`` the watched quantity of the accepted picks (``Δ − λc`` for ``watch="score"``, ``Δ`` for
+    ``"gain"``) and ``v`` the candidate's, the candidate is refused, and the run ends, when the mean of the
+    last ``window`` values (the candidate and the ``window − 1`` picks before it) is at most ``ratio`` times the
+    mean of every pick before those::
+
+        mean(v_{t−w+2}, …, v_t, v) ≤ ratio · mean(v_1, …, v_{t−w+1})
+
+    The rule reads the curve against its own history, so it does not depend on the scale of the features, on
+    the first pick alone (the paper's ω rule), or on the budget: on a greedy curve that flattens into a tail
+    (the informative rows are taken, what is left adds little) it fires where the tail begins; on a curve that
+    keeps decaying smoothly (``v_t ∝ 1/t``: the recent mean over the history mean is ``≈ 1/ln t``) it does not
+    fire before ``t ≈ e^{1/ratio}``. The window keeps a single low pick (a conflict penalty) from ending the run.
+    The rule needs ``2 · window − 1`` accepted picks before it can fire. Every rank of a distributed run sees
+    the same numbers and takes the same decision.
+
+    Args:
+        ratio: in ``(0, 1)``; smaller values stop later (`SpiceConfig.plateau_ratio`).
+        watch: ``"score"`` (``Δ − λc``, the default) or ``"gain"`` (``Δ``).
+        window: how many values the recent mean averages (``>= 1``).
+    """
+
+    def __init__(self, ratio: float = 0.2, watch: Literal["gain", "score"] = "score", window: int = 3) -> None:
+        if not (math.isfinite(ratio) and 0.0 < ratio < 1.0):
+            raise ValueError(f"ratio must be in (0, 1), got {ratio!r}")
+        if watch not in ("gain", "score"):
+            raise ValueError(f"watch must be 'gain' or 'score', got {watch!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        self.ratio = ratio
+        self.watch = watch
+        self.window = window
+        # Running sum of the history's values up to `_summed` (the history only grows during a run).
+        self._summed = 0
+        self._total = 0.0
+
+    def should_stop(self, gain: float, score: float, history: PickHistory) -> bool:
+        values = history.scores if self.watch == "score" else history.gains
+        recent_picks = self.window - 1
+        older = len(values) - recent_picks
+        if older < self.window:
+            return False
+        if older < self._summed:  # the history was cut back (a new run reusing the rule): start over
+            self._summed, self._total = 0, 0.0
+        self._total += math.fsum(values[self._summed : older])
+        self._summed = older
+        recent = (math.fsum(values[older:]) + (score if self.watch == "score" else gain)) / self.window
+        return recent <= self.ratio * (self._total / older)
+
+    def cut(self, gains: Sequence[float], scores: Sequence[float]) -> int:
+        return len(gains)
+
+
 def stopping_rule(config: SpiceConfig) -> StoppingRule:
-    """The rule ``config`` asks for: `RatioStop` (``stop_ratio``, ``stop_on``), or `NeverStop` when
-    ``stop_ratio`` is `None`."""
-    if config.stop_ratio is None:
-        return NeverStop()
-    return RatioStop(config.stop_ratio, config.stop_on)
+    """The rule ``config`` asks for (``stop_rule``): `PlateauStop` (``plateau_ratio``, ``stop_on``), `RatioStop`
+    (``stop_ratio``, ``stop_on``) or `NeverStop`."""
+    if config.stop_rule == "plateau":
+        return PlateauStop(config.plateau_ratio, config.stop_on)
+    if config.stop_rule == "ratio":
+        assert config.stop_ratio is not None  # SpiceConfig validates it
+        return RatioStop(config.stop_ratio, config.stop_on)
+    return NeverStop()
 
 
 def check_cut(keep: object, picks: int) -> int:

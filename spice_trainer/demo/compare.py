@@ -92,21 +92,22 @@ def method_config(method: str, budget: float | int, variants: Mapping[str, Mappi
     if method == "defaults":
         return SpiceConfig(budget=budget)
     if method == "fisher":
-        return SpiceConfig.paper(budget=budget, conflict_weight=0.0, stop_ratio=None)
+        return SpiceConfig.paper(budget=budget, conflict_weight=0.0, stop_rule="none", stop_ratio=None)
     if method == "paper":
         return SpiceConfig.paper(budget=budget)
     if method == "paper-nostop":
-        return SpiceConfig.paper(budget=budget, stop_ratio=None)
+        return SpiceConfig.paper(budget=budget, stop_rule="none", stop_ratio=None)
     if method in variants:
         return SpiceConfig(budget=budget, **variants[method])
     return None
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``"q80=max_loss_quantile:0.8,stop_ratio:none"`` -> ``("q80", {"max_loss_quantile": 0.8, "stop_ratio": None})``.
+    """``"q80=max_loss_quantile:0.8,stop_rule:none"`` -> ``("q80", {"max_loss_quantile": 0.8, "stop_rule": "none"})``.
 
-    Values are read as int, float, ``true``/``false``, ``none`` (except for string fields such as
-    ``feature_norm="none"``), else kept as strings. The fields are validated at once.
+    Values are read as int, float, ``true``/``false``, ``none`` as `None` (except for the fields whose value
+    ``"none"`` is a string: ``feature_norm`` and ``stop_rule``), else kept as strings. The fields are validated
+    at once.
 
     Raises:
         ValueError: for a missing name, or fields `SpiceConfig` rejects.
@@ -122,7 +123,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         if not colon:
             raise ValueError(f"variant {name!r}: {item!r} is not field:value")
         value: Any
-        if raw.lower() == "none" and key not in ("feature_norm",):
+        if raw.lower() == "none" and key not in ("feature_norm", "stop_rule"):
             value = None
         elif raw.lower() in ("true", "false"):
             value = raw.lower() == "true"

@@ -60,8 +60,8 @@ def collate(collator: Collator, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return collator(rows)
 
 
-def per_example_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's mean next-token cross-entropy over its supervised tokens (targets ≠ -100).
+def per_example_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's mean next-token cross-entropy over its supervised tokens (targets ≠ -100), and its largest.
 
     Matches transformers' ``ForCausalLMLoss`` on a batch of one: logits upcast to float32; the caller shifts
     the labels (not the logits, which would copy the ``(n, T, V)`` tensor).
@@ -71,7 +71,9 @@ def per_example_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch
         targets: ``(n, K)``, the token each position predicts, -100 where there is no loss.
 
     Returns:
-        ``(losses (n,), counts (n,))``; a row without a supervised token has loss NaN and count 0.
+        ``(losses (n,), counts (n,), max_token_losses (n,))``: the mean loss, the number of supervised tokens
+        and the surprisal ``−log p`` of the row's least likely supervised token (what the candidate guards read,
+        `spice_trainer.core.guards`); a row without a supervised token has NaN losses and count 0.
     """
     logits = upcast_logits(logits)
     targets = targets.to(logits.device)
@@ -80,8 +82,29 @@ def per_example_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch
     ).reshape(targets.shape)
     counts = (targets != -100).sum(dim=1)
     summed = token_loss.sum(dim=1)  # ignored targets contribute exactly 0
-    losses = torch.where(counts > 0, summed / counts.clamp_min(1), torch.full_like(summed, float("nan")))
-    return losses, counts
+    nan = torch.full_like(summed, float("nan"))
+    losses = torch.where(counts > 0, summed / counts.clamp_min(1), nan)
+    # Losses are >= 0 and ignored targets are exactly 0, so the row's max is its largest supervised token loss.
+    largest = torch.where(counts > 0, token_loss.detach().amax(dim=1), nan)
+    return losses, counts, largest
+
+
+def output_vocab_size(model: nn.Module) -> int | None:
+    """How many tokens the model's output layer scores (the logits' last dimension), or `None` if unknown.
+
+    The output embedding's rows when the model exposes it (``get_output_embeddings``, transformers' API; padded
+    vocabularies included, as in the logits), else ``config.vocab_size``.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        head = None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.shape[0] > 0:
+        return int(weight.shape[0])
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else None
 
 
 def check_batch_rows(batch: Any, expected: int) -> None:

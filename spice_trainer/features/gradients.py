@@ -60,6 +60,7 @@ from spice_trainer.features.batches import (
     input_device,
     longest_first,
     model_inputs,
+    output_vocab_size,
     pad_token_id,
     per_example_loss,
     prepare_row,
@@ -83,11 +84,16 @@ class GradientFeatures:
             finite or that have no supervised token are NaN, so the greedy never picks them.
         losses: ``(n,)`` float32, each example's own loss (mean over its supervised tokens; NaN if none).
         num_tokens: ``(n,)`` int64, supervised tokens per example.
+        max_token_losses: ``(n,)`` float32, the surprisal ``−log p`` of each example's least likely supervised
+            token (NaN if none); what `spice_trainer.core.guards` weighs labels by. `None` when not measured.
+        vocab_size: how many tokens the model's output scores (the logits' last dimension); `None` if unknown.
     """
 
     features: torch.Tensor
     losses: torch.Tensor
     num_tokens: torch.Tensor
+    max_token_losses: torch.Tensor | None = None
+    vocab_size: int | None = None
 
 
 @dataclass
@@ -281,6 +287,7 @@ def compute_gradient_features(
     features = torch.full((n, config.proj_dim), float("nan"), dtype=torch.float32)
     losses = torch.full((n,), float("nan"), dtype=torch.float32)
     num_tokens = torch.zeros(n, dtype=torch.int64)
+    max_token_losses = torch.full((n,), float("nan"), dtype=torch.float32)
     collator = data_collator or PadCollator(pad_token_id(model))
     device = input_device(model)
     # Batches of similar lengths waste little on padding. A row's features do not depend on which rows share
@@ -329,16 +336,29 @@ def compute_gradient_features(
                     features[positions] = out[0]
                     losses[positions] = out[1]
                     num_tokens[positions] = out[2]
+                    max_token_losses[positions] = out[3]
                 if bar is not None:
                     bar.update(1)
     finally:
         if bar is not None:
             bar.close()
     if config.feature_norm == "unit":
-        norms = features.norm(dim=1, keepdim=True)
-        features = torch.where(norms > 0, features / norms.clamp_min(1e-30), features)
+        features = unit_rows(features)
     logger.debug("spice: gradient features for %d rows through %d LoRA weights (%s)", n, len(weights), adapter)
-    return GradientFeatures(features=features, losses=losses, num_tokens=num_tokens)
+    return GradientFeatures(
+        features=features,
+        losses=losses,
+        num_tokens=num_tokens,
+        max_token_losses=max_token_losses,
+        vocab_size=output_vocab_size(model),
+    )
+
+
+def unit_rows(features: torch.Tensor) -> torch.Tensor:
+    """``features: (n, d)`` with every non-zero row scaled to norm 1 (``feature_norm="unit"``); zero and NaN rows
+    stay as they are."""
+    norms = features.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, features / norms.clamp_min(1e-30), features)
 
 
 def compute_losses(
@@ -349,7 +369,7 @@ def compute_losses(
     *,
     indices: Sequence[int] | None = None,
     show_progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row's loss and supervised token count from a forward pass alone (no backward, no hooks).
 
     The same loss as `compute_gradient_features` reports (each row's mean next-token cross-entropy over its
@@ -358,14 +378,15 @@ def compute_losses(
     can be picked before any gradient is taken (`spice_trainer.pipeline.select`).
 
     Returns:
-        ``(losses (n,) float32, num_tokens (n,) int64)`` in ``indices`` order; NaN loss for a row without a
-        supervised token.
+        ``(losses (n,) float32, num_tokens (n,) int64, max_token_losses (n,) float32)`` in ``indices`` order
+        (see `GradientFeatures`); NaN losses for a row without a supervised token.
     """
     rows = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     model = unwrap_model(model)
     n = len(rows)
     losses = torch.full((n,), float("nan"), dtype=torch.float32)
     num_tokens = torch.zeros(n, dtype=torch.int64)
+    max_token_losses = torch.full((n,), float("nan"), dtype=torch.float32)
     collator = data_collator or PadCollator(pad_token_id(model))
     device = input_device(model)
     order = longest_first(dataset, rows, config.max_length)  # rows with an empty input_ids are left out (no loss)
@@ -394,9 +415,10 @@ def compute_losses(
                 check_labels(targets, logits.shape[-1], batch_rows)
                 if "logits_to_keep" in kwargs:
                     targets = targets[:, keep]
-                per_example, counts = per_example_loss(logits, targets)
+                per_example, counts, largest = per_example_loss(logits, targets)
                 losses[positions] = per_example.float().cpu()
                 num_tokens[positions] = counts.cpu()
+                max_token_losses[positions] = largest.float().cpu()
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -404,7 +426,7 @@ def compute_losses(
             m.train(mode)
         if bar is not None:
             bar.close()
-    return losses, num_tokens
+    return losses, num_tokens, max_token_losses
 
 
 def gradient_features(
@@ -425,7 +447,7 @@ def _batch_features(
     device: torch.device,
     rows: Sequence[int],
     lockstep: Lockstep | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch: forward, per-example losses, one ``autograd.grad``, per-example gradients, projection.
 
     ``autograd.grad`` is asked for ``δ^A = ∂L/∂(A x)`` only: these are small (``n × T × r``). On its way there
@@ -434,8 +456,8 @@ def _batch_features(
     the backward goes, as in an ordinary backward, and never held together.
 
     Returns:
-        ``(features (n, d) float32 CPU, losses (n,) float32 CPU, counts (n,) int64 CPU)``; rows without a
-        finite loss or a supervised token have NaN features.
+        ``(features (n, d) float32 CPU, losses (n,) float32 CPU, counts (n,) int64 CPU, max_token_losses (n,)
+        float32 CPU)``; rows without a finite loss or a supervised token have NaN features.
     """
     kwargs = model_inputs(batch, device)
     input_ids = kwargs["input_ids"]
@@ -465,12 +487,13 @@ def _batch_features(
             _agree(lockstep, failure, "checking its labels")
             if "logits_to_keep" in kwargs:
                 targets = targets[:, keep]
-            per_example, counts = per_example_loss(logits, targets)
+            per_example, counts, largest = per_example_loss(logits, targets)
             del logits
             valid = torch.isfinite(per_example) & (counts > 0)
             losses_cpu, counts_cpu = per_example.detach().float().cpu(), counts.cpu()
+            largest_cpu = largest.float().cpu()
             if not bool(valid.any()) and lockstep is None:
-                return torch.full((bsz, proj_dim), float("nan")), losses_cpu, counts_cpu
+                return torch.full((bsz, proj_dim), float("nan")), losses_cpu, counts_cpu, largest_cpu
             # L = Σ_i ℓ_i over the rows with a finite loss: ∂L/∂(row i's activations) = ∂ℓ_i/∂(...).
             total = per_example[valid].sum()
             called = [(w, call) for w in weights for call in w.calls]
@@ -489,7 +512,7 @@ def _batch_features(
         for w in weights:
             w.calls.clear()
     feats[~valid.cpu()] = float("nan")
-    return feats, losses_cpu, counts_cpu
+    return feats, losses_cpu, counts_cpu, largest_cpu
 
 
 def _project_call(w: _LoraWeight, x: torch.Tensor, delta: torch.Tensor, state: _Pass) -> None:

@@ -7,6 +7,7 @@ Layout of one store (one directory per fingerprint under the user's ``feature_st
         features.f16        (n, proj_dim) float16 numpy.memmap
         losses.f32          (n,) float32 numpy.memmap
         num_tokens.i64      (n,) int64 numpy.memmap
+        surprise.f32        (n,) float32 numpy.memmap: each row's largest token loss (the guards' surprise)
         chunks/000012.json  one small manifest per finished chunk of rows, with the SHA-256 of its bytes
 
 Rows are cut into fixed chunks ``[c · chunk_rows, (c + 1) · chunk_rows)``. A chunk counts as done
@@ -15,7 +16,7 @@ with `os.replace` (atomic on POSIX) *after* the chunk's rows were flushed to the
 killed mid-pass therefore leaves whole chunks or nothing: on the next run the finished chunks are
 read back and only the missing ones are computed.
 
-Integrity. A finished chunk is reused only if its bytes (features, losses and token counts) still hash to the
+Integrity. A finished chunk is reused only if its bytes (features, losses, token counts, surprise) still hash to the
 checksum in its manifest; a data file whose size is not the store's (truncated, or grown: numpy would zero-extend
 a short file silently) is resized and every chunk then re-checked. A chunk that fails (random bytes, NaN written
 over it, zeroed losses, a truncated file, an unreadable manifest) is recomputed, with a warning naming the store
@@ -58,8 +59,14 @@ logger = logging.getLogger(__name__)
 
 # 2: chunk manifests carry a SHA-256 of the chunk's bytes (a version-1 store has none, so it is never reused:
 # the version is part of the fingerprint, so a version-2 run opens a fresh directory).
-STORE_VERSION = 2
-_DATA_FILES = (("features.f16", np.float16), ("losses.f32", np.float32), ("num_tokens.i64", np.int64))
+# 3: each row's largest token loss (surprise.f32), read by the candidate guards.
+STORE_VERSION = 3
+_DATA_FILES = (
+    ("features.f16", np.float16),
+    ("losses.f32", np.float32),
+    ("num_tokens.i64", np.int64),
+    ("surprise.f32", np.float32),
+)
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 # Config fields that change the features of a row (batch_size does not: features are batch-invariant).
 FEATURE_FIELDS = ("proj_dim", "projection", "feature_norm", "seed", "max_length")
@@ -79,7 +86,8 @@ class ChunkStats:
 
 
 class FeatureStore:
-    """A float16 memmap of ``(n, proj_dim)`` features plus float32 losses and int64 token counts.
+    """A float16 memmap of ``(n, proj_dim)`` features plus float32 losses, int64 token counts and float32
+    largest token losses.
 
     Open with `FeatureStore.open` (creates the directory and files when missing, else checks that
     the existing store matches ``n`` and ``proj_dim``). Several processes may write *disjoint* chunks
@@ -102,6 +110,7 @@ class FeatureStore:
         self._features = np.memmap(path / "features.f16", dtype=np.float16, mode="r+", shape=(n, proj_dim))
         self._losses = np.memmap(path / "losses.f32", dtype=np.float32, mode="r+", shape=(n,))
         self._num_tokens = np.memmap(path / "num_tokens.i64", dtype=np.int64, mode="r+", shape=(n,))
+        self._surprise = np.memmap(path / "surprise.f32", dtype=np.float32, mode="r+", shape=(n,))
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -163,6 +172,7 @@ class FeatureStore:
             ("features.f16", n * proj_dim * 2),
             ("losses.f32", n * 4),
             ("num_tokens.i64", n * 8),
+            ("surprise.f32", n * 4),
         ):
             with open(path / name, "ab") as fh:
                 fh.truncate(nbytes)
@@ -224,10 +234,10 @@ class FeatureStore:
         return manifest if isinstance(manifest, dict) else None
 
     def chunk_checksum(self, chunk: int) -> str:
-        """SHA-256 of the chunk's bytes as they are on disk now (features, then losses, then token counts)."""
+        """SHA-256 of the chunk's bytes as they are on disk now (features, losses, token counts, surprise)."""
         rows = self.chunk_range(chunk)
         sl = slice(rows.start, rows.stop)
-        return _checksum(self._features[sl], self._losses[sl], self._num_tokens[sl])
+        return _checksum(self._features[sl], self._losses[sl], self._num_tokens[sl], self._surprise[sl])
 
     def is_valid(self, chunk: int) -> bool:
         """The chunk is complete and its bytes match the checksum its manifest recorded."""
@@ -243,23 +253,37 @@ class FeatureStore:
     def complete_chunks(self) -> list[int]:
         return [c for c in range(self.num_chunks) if self.is_complete(c)]
 
-    def write_chunk(self, chunk: int, features: torch.Tensor, losses: torch.Tensor, num_tokens: torch.Tensor) -> None:
+    def write_chunk(
+        self,
+        chunk: int,
+        features: torch.Tensor,
+        losses: torch.Tensor,
+        num_tokens: torch.Tensor,
+        max_token_losses: torch.Tensor,
+    ) -> None:
         """Write one chunk's rows, flush them, then mark the chunk complete (atomically).
 
         Args:
             features: ``(rows, proj_dim)`` float tensor (NaN rows allowed: they mark skipped rows).
             losses: ``(rows,)``.
             num_tokens: ``(rows,)`` integers.
+            max_token_losses: ``(rows,)``, each row's largest token loss.
 
         Raises:
             ValueError: shapes do not match the chunk, or a finite feature overflows float16.
         """
         rows = self.chunk_range(chunk)
         expected = (len(rows), self.proj_dim)
-        if tuple(features.shape) != expected or losses.shape[0] != len(rows) or num_tokens.shape[0] != len(rows):
+        if (
+            tuple(features.shape) != expected
+            or losses.shape[0] != len(rows)
+            or num_tokens.shape[0] != len(rows)
+            or max_token_losses.shape[0] != len(rows)
+        ):
             raise ValueError(
-                f"chunk {chunk} needs features {expected}, losses ({len(rows)},), num_tokens ({len(rows)},); "
-                f"got {tuple(features.shape)}, {tuple(losses.shape)}, {tuple(num_tokens.shape)}"
+                f"chunk {chunk} needs features {expected}, losses, num_tokens and max_token_losses ({len(rows)},); "
+                f"got {tuple(features.shape)}, {tuple(losses.shape)}, {tuple(num_tokens.shape)}, "
+                f"{tuple(max_token_losses.shape)}"
             )
         feats = features.detach().to("cpu", torch.float32).numpy()
         finite = np.isfinite(feats)
@@ -272,7 +296,8 @@ class FeatureStore:
         self._features[sl] = feats.astype(np.float16)
         self._losses[sl] = losses.detach().to("cpu", torch.float32).numpy()
         self._num_tokens[sl] = num_tokens.detach().to("cpu", torch.int64).numpy()
-        for array in (self._features, self._losses, self._num_tokens):
+        self._surprise[sl] = max_token_losses.detach().to("cpu", torch.float32).numpy()
+        for array in (self._features, self._losses, self._num_tokens, self._surprise):
             array.flush()
         manifest = {
             "chunk": chunk,
@@ -284,8 +309,9 @@ class FeatureStore:
         }
         _atomic_write_json(self._manifest(chunk), manifest)
 
-    def read_rows(self, rows: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Features ``(len(rows), proj_dim)`` float32, losses ``(len(rows),)`` float32, num_tokens int64."""
+    def read_rows(self, rows: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features ``(len(rows), proj_dim)`` float32, losses ``(len(rows),)`` float32, num_tokens int64, largest
+        token losses float32."""
         if isinstance(rows, range) and rows.step == 1:
             index: Any = slice(rows.start, rows.stop)
         else:
@@ -293,12 +319,13 @@ class FeatureStore:
         feats = torch.from_numpy(np.array(self._features[index], dtype=np.float32))
         losses = torch.from_numpy(np.array(self._losses[index], dtype=np.float32))
         tokens = torch.from_numpy(np.array(self._num_tokens[index], dtype=np.int64))
-        return feats, losses, tokens
+        surprise = torch.from_numpy(np.array(self._surprise[index], dtype=np.float32))
+        return feats, losses, tokens, surprise
 
     def fill(
         self,
         chunks: Sequence[int],
-        compute: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        compute: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
     ) -> ChunkStats:
         """Compute and write every chunk of ``chunks`` that is not complete, or whose bytes fail their checksum.
 
@@ -307,7 +334,7 @@ class FeatureStore:
 
         Args:
             chunks: chunk ids this process is responsible for.
-            compute: maps a list of row indices to ``(features, losses, num_tokens)`` for them.
+            compute: maps a list of row indices to ``(features, losses, num_tokens, max_token_losses)`` for them.
 
         Returns:
             How many chunks were reused from disk and how many computed.
@@ -327,8 +354,7 @@ class FeatureStore:
                 )
             todo.append(c)
         for chunk in todo:
-            feats, losses, tokens = compute(list(self.chunk_range(chunk)))
-            self.write_chunk(chunk, feats, losses, tokens)
+            self.write_chunk(chunk, *compute(list(self.chunk_range(chunk))))
         if len(todo) < len(chunks):
             logger.info(
                 "spice: feature store %s: %d chunks reused, %d computed", self.path, len(chunks) - len(todo), len(todo)

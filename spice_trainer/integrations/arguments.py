@@ -12,7 +12,7 @@ What this module adds is only how a value is *written* on a command line:
   >= 1; in YAML an int is a count too);
 - ``--spice_reselect_every_steps 50`` selects every 50 optimizer steps, ``--spice_reselect_every_steps
   100,250,400`` at those steps (in YAML also a list);
-- a setting that can be switched off (``stop_ratio``, ``min_loss``, ``max_loss_quantile``, ...) takes
+- a setting that can be switched off (``stop_ratio``, ``min_loss``, ``surprise_threshold``, ...) takes
   ``none`` on the command line (``null`` in YAML);
 - ``--spice_proxy_model`` is a local folder or a Hub id;
 - ``--use_spice false`` (or ``--no_use_spice``) trains without SPICE: the baseline run of the same script.
@@ -37,6 +37,7 @@ from spice_trainer.config import (
     ProjectionKind,
     SpiceConfig,
     StopOn,
+    StopRule,
 )
 
 __all__ = ["PREFIX", "SpiceArguments", "config_field_help"]
@@ -86,6 +87,7 @@ _FORMAT = {
     "reselect_every_steps": "On the command line: N (every N optimizer steps), a comma-separated list of steps "
     "(100,250,400), or none.",
     "proxy_model": "On the command line: a local folder or a Hub id (downloaded unless HF_HUB_OFFLINE=1), or none.",
+    "surprise_threshold": "On the command line: uniform, a number of nats, or none.",
 }
 _OPTIONAL_FORMAT = "On the command line: a value or none."
 
@@ -110,6 +112,7 @@ _NONE_ABLE = frozenset(
     {
         "stop_ratio",
         "min_loss",
+        "surprise_threshold",
         "max_loss_quantile",
         "max_length",
         "feature_store",
@@ -151,6 +154,8 @@ class SpiceArguments:
     spice_budget: float = _spice_field("budget")
     spice_fisher_scale: float = _spice_field("fisher_scale")
     spice_conflict_weight: float = _spice_field("conflict_weight")
+    spice_stop_rule: StopRule = _spice_field("stop_rule")
+    spice_plateau_ratio: float = _spice_field("plateau_ratio")
     spice_stop_ratio: float | str | None = _spice_field("stop_ratio")
     spice_stop_on: StopOn = _spice_field("stop_on")
 
@@ -159,6 +164,7 @@ class SpiceArguments:
     spice_projection: ProjectionKind = _spice_field("projection")
     spice_feature_norm: FeatureNorm = _spice_field("feature_norm")
     spice_min_loss: float | str | None = _spice_field("min_loss")
+    spice_surprise_threshold: float | str | None = _spice_field("surprise_threshold")
     spice_max_loss_quantile: float | str | None = _spice_field("max_loss_quantile")
     spice_batch_size: int = _spice_field("batch_size")
     spice_max_length: int | str | None = _spice_field("max_length")
@@ -194,6 +200,8 @@ class SpiceArguments:
             value = getattr(self, attr)
             if isinstance(value, str) and value.strip().lower() in _NONE_WORDS:
                 setattr(self, attr, None)
+            elif name == "surprise_threshold" and isinstance(value, str) and value.strip().lower() == "uniform":
+                setattr(self, attr, "uniform")
             elif isinstance(value, str) and name not in ("feature_store", "proxy_device"):
                 setattr(self, attr, _number(attr, value, int if name in ("max_length", "threads") else float))
         if isinstance(self.spice_proxy_model, str) and self.spice_proxy_model.strip().lower() in _NONE_WORDS:

@@ -554,15 +554,7 @@ class SpiceDataCallback(TrainerCallback, ExportableState):
         folder = self._checkpoint_being_written()
         if cache.sqnorms is None or folder is None:
             return None
-        state = {
-            "sqnorms": cache.sqnorms,
-            "losses": cache.losses,
-            "num_tokens": cache.num_tokens,
-            "measured_round": cache.measured_round,
-            "selected": list(cache.selected),
-            "rounds": cache.rounds,
-            "key": list(cache.key),  # the feature settings: ints, floats, strings, None
-        }
+        state = cache.state_dict()
         tmp = folder / f".{FEATURE_CACHE_FILE}.tmp"
         try:
             torch.save(state, tmp)
@@ -589,16 +581,7 @@ class SpiceDataCallback(TrainerCallback, ExportableState):
                 "written: resume from another checkpoint, or start a new run"
             )
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            cache = FeatureCache(
-                sqnorms=state["sqnorms"].double(),
-                losses=state["losses"].float(),
-                num_tokens=state["num_tokens"].long(),
-                measured_round=state["measured_round"].long(),
-                selected=[int(r) for r in state["selected"]],
-                rounds=int(state["rounds"]),
-                key=tuple(state["key"]),
-            )
+            cache = FeatureCache.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as err:
             raise CheckpointStateError(
                 f"{path} cannot be read ({type(err).__name__}: {err}); resume from another "

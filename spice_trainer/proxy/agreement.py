@@ -11,7 +11,7 @@ from torch import nn
 
 from spice_trainer.config import SpiceConfig
 from spice_trainer.features.batches import Collator
-from spice_trainer.features.gradients import GradientFeatures, compute_gradient_features
+from spice_trainer.features.gradients import GradientFeatures, compute_gradient_features, unit_rows
 from spice_trainer.proxy.model import ProxyModel
 
 #: Candidates in the agreement probe (seeded by ``config.seed``; the same rows every round).
@@ -97,9 +97,10 @@ def proxy_agreement(
 ) -> Agreement:
     """Compare the proxy's and the live model's SPICE gains on a seeded probe of candidates.
 
-    Both models' features of the probe rows (`probe_rows`) are computed with ``config``; ``rank_corr`` is
-    Spearman's ρ of the base gains, and each model's own loss guard and exact greedy (no early stopping)
-    pick ``k`` rows (default ``⌊m / 4⌋``: enough picks that one or two do not dominate the overlap, few
+    Both models' gradients of the probe rows (`probe_rows`) are computed with ``config`` (raw: ``feature_norm=
+    "unit"`` normalises them afterwards); ``rank_corr`` is Spearman's ρ of the base gains of the raw gradients
+    (unit features would all have the same), and each model's own candidate guards and exact greedy (no
+    early stopping) pick ``k`` rows (default ``⌊m / 4⌋``: enough picks that one or two do not dominate the overlap, few
     enough that the choice is selective) for ``overlap`` and ``jaccard``. Neither model's weights,
     ``.grad``s or optimizer state change.
 
@@ -107,13 +108,16 @@ def proxy_agreement(
         ValueError: the target has no LoRA adapter (see `find_lora_weights`).
     """
     from spice_trainer.core.greedy import select_from_features
-    from spice_trainer.pipeline import eligible_rows
+    from spice_trainer.pipeline import row_guards
 
     start = time.perf_counter()
     rows = probe_rows(len(dataset), config, probe_size)
     m = len(rows)
     k = max(1, m // 4) if picks is None else min(int(picks), m)
-    probe_cfg = config.with_changes(budget=k, greedy="exact", stop_ratio=None, feature_store=None)
+    probe_cfg = config.with_changes(budget=k, greedy="exact", stop_rule="none", stop_ratio=None, feature_store=None)
+    unit = probe_cfg.feature_norm == "unit"
+    if unit:  # the base gains of raw gradients tell rows apart; unit features are normalised below, for the picks
+        probe_cfg = probe_cfg.with_changes(feature_norm="none")
     proxy_cfg = proxy.feature_config(probe_cfg)
     target_cfg = probe_cfg
     if probe_cfg.feature_norm == "adam" and (target_optimizer is None or proxy_cfg.feature_norm != "adam"):
@@ -132,7 +136,11 @@ def proxy_agreement(
         finite = torch.isfinite(grads.features).all(dim=1)
         if not bool(finite.any()) or not bool(grads.features[finite].any()):
             return []
-        chosen = select_from_features(grads.features, cfg, eligible=eligible_rows(grads, cfg))
+        features = grads.features
+        if unit:
+            features = unit_rows(features)
+        guards = row_guards(grads, cfg)
+        chosen = select_from_features(guards.scale(features), cfg, eligible=guards.eligible)
         return [rows[i] for i in chosen.indices]
 
     proxy_picks, target_picks = picks_of(ours, proxy_cfg), picks_of(theirs, target_cfg)

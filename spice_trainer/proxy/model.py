@@ -63,7 +63,7 @@ from spice_trainer.features.batches import (
     token_loss_sum,
 )
 from spice_trainer.features.gradients import GradientFeatures, compute_gradient_features, find_lora_weights
-from spice_trainer.pipeline import eligible_rows, select
+from spice_trainer.pipeline import row_guards, select
 from spice_trainer.proxy.adapter import with_lora_adapter
 from spice_trainer.proxy.compat import check_proxy_compatible
 
@@ -261,7 +261,7 @@ class ProxyModel:
 
         Rows ``0 .. n−1`` are cut in order into pools of ``P`` = ``config.pool_size``. For pool ``p``
         (1-based): its features come from the proxy *as it is now*; rows already selected are skipped;
-        the loss guard (`spice_trainer.pipeline.eligible_rows`) applies within the pool; exact greedy picks
+        the candidate guards (`spice_trainer.pipeline.row_guards`) apply within the pool; exact greedy picks
         up to ``config.picks_per_pool`` rows maximising ``Δ_x(S) − λ c_x(S)`` with ``S`` every row picked so
         far (``initial`` first), whose Fisher state ``(I + α F_S)⁻¹`` and conflict sum ``Σ_S g`` carry over
         from earlier pools (each pick's feature vector as it was when picked). Before pool ``p + 1`` with
@@ -315,6 +315,8 @@ class ProxyModel:
         initial_objective = objective.logdet
 
         skipped: list[int] = []
+        excluded: dict[str, list[int]] = {}
+        weighted: dict[int, float] = {}
         refresh_losses: list[float] = []
         refreshed = 0  # picks already used by a refresh step
         period = config.proxy_refresh_every_pools
@@ -338,10 +340,15 @@ class ProxyModel:
             t0 = time.perf_counter()
             grads = self.features(dataset, cfg, data_collator, indices=rows)
             timings["features"] += time.perf_counter() - t0
-            usable = usable_rows(grads.features, config.fisher_scale).usable  # finite, norms within float64
+            guards = row_guards(grads, config.with_changes(budget=quota))
+            for reason, local in guards.excluded.items():
+                excluded.setdefault(reason, []).extend(rows[i] for i in local)
+            for i, weight in zip(*guards.down_weighted, strict=True):
+                weighted[rows[i]] = weight
+            features = guards.scale(grads.features)
+            usable = usable_rows(features, config.fisher_scale).usable  # finite, norms within float64
             skipped.extend(r for r, ok in zip(rows, usable.tolist(), strict=True) if not ok)
-            eligible = usable & eligible_rows(grads, config.with_changes(budget=quota))
-            return torch.where(usable.unsqueeze(1), grads.features, torch.zeros(())), eligible
+            return torch.where(usable.unsqueeze(1), features, torch.zeros(())), usable & guards.eligible
 
         source = PooledSource(
             objective,
@@ -379,6 +386,9 @@ class ProxyModel:
                 "seconds": time.perf_counter() - start,
             },
         )
+        selection.excluded = {reason: sorted(rows) for reason, rows in excluded.items()}
+        selection.down_weighted_rows = sorted(weighted)
+        selection.down_weights = [weighted[r] for r in selection.down_weighted_rows]
         if sd.is_distributed():
             selection = sd.broadcast_object(selection, src=0)
         return selection

@@ -75,52 +75,52 @@ def cases() -> dict[str, dict[str, Any]]:
     return {
         "primal_budget": {
             "features": _gauss(40, 8, 0),
-            "config": SpiceConfig(budget=12, conflict_weight=0.3, stop_ratio=None),
+            "config": SpiceConfig(budget=12, conflict_weight=0.3, stop_rule="none", stop_ratio=None),
         },
         "dual_budget": {
             "features": _gauss(37, 32, 1),
-            "config": SpiceConfig(budget=7, conflict_weight=0.1, stop_ratio=None, fisher_scale=0.5),
+            "config": SpiceConfig(budget=7, conflict_weight=0.1, stop_rule="none", stop_ratio=None, fisher_scale=0.5),
         },
         "early_stop_gain": {
             "features": _gauss(36, 4, 2),
-            "config": SpiceConfig(budget=20, conflict_weight=0.2, stop_ratio=0.3),
+            "config": SpiceConfig(budget=20, conflict_weight=0.2, stop_rule="ratio", stop_ratio=0.3),
         },
         "early_stop_score": {
             "features": _gauss(36, 4, 2),
-            "config": SpiceConfig(budget=20, conflict_weight=0.5, stop_ratio=0.3, stop_on="score"),
+            "config": SpiceConfig(budget=20, conflict_weight=0.5, stop_rule="ratio", stop_ratio=0.3, stop_on="score"),
         },
         "stop_on_rank1_rows": {
             "features": stop_on_rank1_rows(),
-            "config": SpiceConfig(budget=10, conflict_weight=0.0, stop_ratio=0.5),
+            "config": SpiceConfig(budget=10, conflict_weight=0.0, stop_rule="ratio", stop_ratio=0.5),
         },
         "only_rank1_eligible": {
             "features": _gauss(24, 6, 4),
-            "config": SpiceConfig(budget=5, conflict_weight=0.1, stop_ratio=None),
+            "config": SpiceConfig(budget=5, conflict_weight=0.1, stop_rule="none", stop_ratio=None),
             "eligible": eligible_first_half_out,
         },
         "initial_nan_reference": {
             "features": nan_feats,
-            "config": SpiceConfig(budget=10, conflict_weight=0.2, stop_ratio=0.2),
+            "config": SpiceConfig(budget=10, conflict_weight=0.2, stop_rule="ratio", stop_ratio=0.2),
             "initial": [25, 1, 14],
             "reference_gain": 2.0,
         },
         "overflow_row": {
             "features": overflow,
-            "config": SpiceConfig(budget=8, conflict_weight=0.2, stop_ratio=None),
+            "config": SpiceConfig(budget=8, conflict_weight=0.2, stop_rule="none", stop_ratio=None),
         },
         "plateau_rule": {
             "features": _gauss(60, 5, 7),
-            "config": SpiceConfig(budget=30, conflict_weight=0.3, stop_ratio=None),
+            "config": SpiceConfig(budget=30, conflict_weight=0.3, stop_rule="none", stop_ratio=None),
             "stopping": FlatScore,
         },
         "posthoc_cut": {
             "features": _gauss(60, 5, 8),
-            "config": SpiceConfig(budget=30, conflict_weight=0.3, stop_ratio=None),
+            "config": SpiceConfig(budget=30, conflict_weight=0.3, stop_rule="none", stop_ratio=None),
             "stopping": HalfScoreCut,
         },
         "exhausted": {
             "features": _gauss(10, 3, 6),
-            "config": SpiceConfig(budget=8, stop_ratio=None),
+            "config": SpiceConfig(budget=8, stop_rule="none", stop_ratio=None),
             "eligible": torch.tensor([True, False] * 5),
         },
     }

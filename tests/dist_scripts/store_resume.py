@@ -41,11 +41,13 @@ def main() -> None:
     tok, model = build()
     data = rows(tok, n=64)
     # batch_size 2 -> chunks of max(4 * 2, ceil(64 / 256)) = 8 rows: 8 chunks.
-    config = SpiceConfig(budget=12, proj_dim=16, batch_size=2, stop_ratio=None, feature_store=store_dir)
+    config = SpiceConfig(
+        budget=12, proj_dim=16, batch_size=2, stop_rule="none", stop_ratio=None, feature_store=store_dir
+    )
     selection = select(model, data, config, show_progress=False)
     meta = selection.metadata["feature_store"]
     store = feature_store.FeatureStore.open(store_dir, Path(meta["path"]).name, n=64, proj_dim=16, chunk_rows=8)
-    feats, losses, _ = store.read_rows(range(64))
+    feats, losses, _, _ = store.read_rows(range(64))
     result = {
         "indices": selection.indices,
         "store": {"reused": meta["reused_chunks"], "computed": meta["computed_chunks"]},
