@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.core.greedy import select_from_features
+from spice_trainer.core.greedy import progress_bar, select_from_features
 from spice_trainer.core.guards import Guards, candidate_guards
 from spice_trainer.core.selection import Selection
 from spice_trainer.distributed import comm as sd
@@ -421,7 +421,7 @@ def _select_sharded(
             chunk = store.chunk_rows
             rows = sd.shard_rows(n, world, rank, chunk_rows=chunk)
             chunks = sd.shard_chunks(store.num_chunks, world, rank)
-            bar = _chunk_progress(len(chunks), show_progress and main)
+            bar = progress_bar(len(chunks), show_progress and main and len(chunks) > 1, "spice gradients", "chunk")
             try:
 
                 def compute_chunk(
@@ -556,14 +556,6 @@ def _open_store(
             config.feature_store, key, n=n, proj_dim=config.proj_dim, chunk_rows=chunk_rows, create=False
         )
     return store
-
-
-def _chunk_progress(total: int, show: bool) -> Any:
-    if not show or total <= 1:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="spice gradients", unit="chunk")
 
 
 def _record_round(

@@ -270,7 +270,7 @@ def test_select_errors_name_the_problem(saved_model: Path, tmp_path: Path, capsy
     assert "has the splits ['train'], not 'test'" in run(str(tmp_path / "dd"), str(saved_model), "--split", "test")
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["select"], ["report"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["select"], ["report"], ["compare"]])
 def test_every_help_is_formatted(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*command, "--help"])
@@ -284,7 +284,7 @@ def test_every_help_is_formatted(command: list[str], capsys: pytest.CaptureFixtu
         assert "--use_spice" not in text  # select always selects
         assert "1 is fastest on a shared or small CPU" in " ".join(text.split())
     if not command:
-        assert all(c in text for c in ("demo", "select", "report"))
+        assert all(c in text for c in ("demo", "select", "report", "compare"))
 
 
 def _selection(n_picks: int, seed: int) -> Selection:

@@ -14,7 +14,13 @@ from float_bounds import U32, assert_within, float64_reference, gamma
 from spice_trainer.config import SpiceConfig
 from spice_trainer.core.projection import BlockProjector
 from spice_trainer.demo.toy import add_lora, build_model, build_tokenizer
-from spice_trainer.features.gradients import compute_gradient_features, find_lora_weights, gradient_features
+from spice_trainer.features.gradients import (
+    adam_or_unit,
+    compute_gradient_features,
+    find_lora_weights,
+    gradient_features,
+    has_adam_moments,
+)
 
 TOK = build_tokenizer([f"w{i}" for i in range(60)])
 
@@ -208,6 +214,34 @@ def test_adam_normalisation_matches_a_hand_computation():
 def test_adam_without_optimizer_is_a_clear_error():
     with pytest.raises(ValueError, match="feature_norm='adam' needs the live optimizer"):
         gradient_features(_model(), _rows(2), SpiceConfig(feature_norm="adam"))
+
+
+def test_adam_falls_back_to_unit_until_the_optimizer_has_second_moments():
+    model, rows = _model(), _rows(2)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora, lr=1e-3)
+    adam, unit = SpiceConfig(feature_norm="adam"), SpiceConfig(feature_norm="unit")
+
+    # No optimizer, or one that has not stepped: "unit", every other field kept.
+    for before in (None, optimizer):
+        assert not has_adam_moments(before)
+        assert adam_or_unit(adam, before) == adam.with_changes(feature_norm="unit")
+    assert (
+        adam_or_unit(unit, None) is unit and adam_or_unit(SpiceConfig(feature_norm="none"), None).feature_norm == "none"
+    )
+
+    model.train()
+    model(input_ids=torch.tensor([rows[0]["input_ids"]]), labels=torch.tensor([rows[0]["labels"]])).loss.backward()
+    optimizer.step()
+    assert has_adam_moments(optimizer) and adam_or_unit(adam, optimizer) is adam
+    # Restricted to parameters the optimizer never stepped (the proxy asks about its own adapter only).
+    outside = [p for p in model.parameters() if not p.requires_grad][:1]
+    assert not has_adam_moments(optimizer, outside) and adam_or_unit(adam, optimizer, outside).feature_norm == "unit"
+    # What it returns is what the gradient pass accepts: "adam" with the stepped optimizer runs.
+    assert (
+        compute_gradient_features(model, rows, adam_or_unit(adam, optimizer), optimizer=optimizer).features.shape[0]
+        == 2
+    )
 
 
 def test_model_without_lora_is_a_clear_error():

@@ -1107,10 +1107,17 @@ def _check_eligible(eligible: Any, n: int, device: torch.device) -> torch.Tensor
     return eligible.to(device)
 
 
-def progress_bar(total: int, show: bool, desc: str = "spice greedy", unit: str = "pick") -> Any:
-    """A tqdm bar over ``total`` steps when ``show`` (and there is something to show), else `None`."""
+def progress_bar(
+    total: int, show: bool, desc: str = "spice greedy", unit: str = "pick", *, leave: bool = True
+) -> Any:
+    """A tqdm bar over ``total`` steps when ``show`` (and there is something to show), else `None`.
+
+    The package's one progress-bar factory: the greedy picks, the gradient and loss batches
+    (`spice_trainer.features.gradients`), the feature-store chunks (`spice_trainer.pipeline`), the proxy's pools.
+    ``leave=False`` clears the bar when it closes.
+    """
     if not show or total == 0:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit)
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave)

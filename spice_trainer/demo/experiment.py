@@ -89,7 +89,7 @@ def run_demo_experiment(
     results: list[dict[str, Any]] = []
     selection = None
     for method in ("spice", "random", "full"):
-        model = add_lora(copy.deepcopy(base), r=8, alpha=16, init_b_random=False, seed=seed)
+        model = add_lora(copy.deepcopy(base), init_b_random=False, seed=seed)
         run_dir = out / "runs" / method
         callbacks: list[Any] = []
         dataset = train_ds

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Literal
 
+from spice_trainer.proxy.adapter import DEFAULT_LORA
+
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>")
 
 # A minimal chat template: role markers, the content, and the end-of-sequence token after each turn.
@@ -128,14 +130,14 @@ def build_model(
 def add_lora(
     model: Any,
     *,
-    r: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.0,
-    target_modules: str | list[str] = "all-linear",
+    r: int = DEFAULT_LORA["r"],
+    alpha: int = DEFAULT_LORA["lora_alpha"],
+    dropout: float = DEFAULT_LORA["lora_dropout"],
+    target_modules: str | list[str] = DEFAULT_LORA["target_modules"],
     init_b_random: bool = True,
     seed: int = 0,
 ) -> Any:
-    """Wrap ``model`` with a PEFT LoRA adapter.
+    """Wrap ``model`` with a PEFT LoRA adapter (by default `spice_trainer.proxy.adapter.DEFAULT_LORA`'s settings).
 
     ``init_b_random=True`` gives ``lora_B`` small random weights instead of PEFT's zeros, so that tests
     see non-zero gradients for ``lora_A`` from the first step (a freshly initialised adapter has

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from spice_trainer.config import SpiceConfig
+from spice_trainer.core.greedy import progress_bar
 from spice_trainer.core.projection import Projector, make_projector
 from spice_trainer.core.threads import SelectionThreads
 from spice_trainer.features.batches import (
@@ -303,7 +304,7 @@ def compute_gradient_features(
     limits = row_limits(model)
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     passes = len(batches) if lockstep is None else max(lockstep.batches, len(batches))
-    bar = _progress(passes, show_progress and passes > 1)
+    bar = progress_bar(passes, show_progress and passes > 1, "spice: gradient features", "batch", leave=False)
     if adam_denoms is not None:
         for w in weights:
             w.adam_denom = adam_denoms[id(w.module.weight)].to(w.module.weight.device).reshape(_weight_shape(w.module))
@@ -392,7 +393,7 @@ def compute_losses(
     order = longest_first(dataset, rows, config.max_length)  # rows with an empty input_ids are left out (no loss)
     limits = row_limits(model)
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    bar = _progress(len(batches), show_progress and len(batches) > 1, "spice: losses")
+    bar = progress_bar(len(batches), show_progress and len(batches) > 1, "spice: losses", "batch", leave=False)
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -693,6 +694,35 @@ def _warn_other_trainables(model: nn.Module, lora_ids: set[int]) -> None:
         )
 
 
+def has_adam_moments(optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor] | None = None) -> bool:
+    """Whether ``optimizer`` holds Adam's second moments (``exp_avg_sq``) for any of ``params`` (default: any
+    of its own parameters): false for `None` and before the first optimizer step."""
+    if optimizer is None:
+        return False
+    if params is None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    return any("exp_avg_sq" in optimizer.state.get(p, {}) for p in params)
+
+
+def adam_or_unit(
+    config: SpiceConfig, optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor] | None = None
+) -> SpiceConfig:
+    """``config`` as a gradient pass with ``optimizer`` can run it: ``feature_norm="adam"`` falls back to
+    ``"unit"`` while the optimizer has no second moments yet (see `has_adam_moments`); anything else is returned
+    as it is.
+
+    The one home of this rule: the callback's first round (before any step), a proxy before its first
+    refresh step (`spice_trainer.proxy.model.ProxyModel.feature_config`) and the agreement probe use it.
+    """
+    if config.feature_norm != "adam" or has_adam_moments(optimizer, params):
+        return config
+    logger.info(
+        "spice: feature_norm='adam' falls back to 'unit' for this pass: %s",
+        "no optimizer was given" if optimizer is None else "the optimizer has not stepped yet (no second moments)",
+    )
+    return config.with_changes(feature_norm="unit")
+
+
 def _adam_denominators(
     optimizer: torch.optim.Optimizer | None, lora: list[tuple[str, nn.Linear]]
 ) -> dict[int, torch.Tensor]:
@@ -730,10 +760,3 @@ def _adam_denominators(
         )
     return denoms
 
-
-def _progress(total: int, enabled: bool, desc: str = "spice: gradient features") -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False)

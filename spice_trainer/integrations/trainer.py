@@ -50,6 +50,7 @@ from transformers.utils import logging as hf_logging
 from spice_trainer.config import SpiceConfig
 from spice_trainer.core.selection import Selection
 from spice_trainer.distributed import comm as sd
+from spice_trainer.features.gradients import adam_or_unit
 from spice_trainer.features.reselect import FeatureCache
 from spice_trainer.integrations.reporting import (
     round_line,
@@ -431,10 +432,7 @@ class SpiceDataCallback(TrainerCallback, ExportableState):
             if self.config.reselect_shortlist is not None:
                 # Cheap reselection: rounds remember the pool and later ones measure a shortlist of it.
                 kwargs["feature_cache"] = self._feature_cache
-        config = self.config
-        if config.feature_norm == "adam" and kwargs.get("optimizer") is None:
-            logger.info("spice: feature_norm='adam' needs optimizer state; the first round uses unit norm")
-            config = config.with_changes(feature_norm="unit")
+        config = adam_or_unit(self.config, kwargs.get("optimizer"))  # the first round runs before any step
         show = sd.is_main_process() and not trainer.args.disable_tqdm
         start = time.perf_counter()
         selection = select_fn(model, self._dataset, config, _gradient_collator(trainer), show_progress=show, **kwargs)

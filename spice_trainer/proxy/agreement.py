@@ -11,7 +11,7 @@ from torch import nn
 
 from spice_trainer.config import SpiceConfig
 from spice_trainer.features.batches import Collator
-from spice_trainer.features.gradients import GradientFeatures, compute_gradient_features, unit_rows
+from spice_trainer.features.gradients import GradientFeatures, adam_or_unit, compute_gradient_features, unit_rows
 from spice_trainer.proxy.model import ProxyModel
 
 #: Candidates in the agreement probe (seeded by ``config.seed``; the same rows every round).
@@ -119,8 +119,8 @@ def proxy_agreement(
     if unit:  # the base gains of raw gradients tell rows apart; unit features are normalised below, for the picks
         probe_cfg = probe_cfg.with_changes(feature_norm="none")
     proxy_cfg = proxy.feature_config(probe_cfg)
-    target_cfg = probe_cfg
-    if probe_cfg.feature_norm == "adam" and (target_optimizer is None or proxy_cfg.feature_norm != "adam"):
+    target_cfg = adam_or_unit(probe_cfg, target_optimizer)
+    if proxy_cfg.feature_norm != target_cfg.feature_norm:  # one side has no Adam moments yet: both measure "unit"
         proxy_cfg = target_cfg = probe_cfg.with_changes(feature_norm="unit")
     ours = proxy.features(dataset, proxy_cfg, data_collator, indices=rows)
     theirs = compute_gradient_features(

@@ -62,7 +62,13 @@ from spice_trainer.features.batches import (
     prepare_row,
     token_loss_sum,
 )
-from spice_trainer.features.gradients import GradientFeatures, compute_gradient_features, find_lora_weights
+from spice_trainer.features.gradients import (
+    GradientFeatures,
+    adam_or_unit,
+    compute_gradient_features,
+    find_lora_weights,
+    has_adam_moments,
+)
 from spice_trainer.pipeline import row_guards, select
 from spice_trainer.proxy.adapter import with_lora_adapter
 from spice_trainer.proxy.compat import check_proxy_compatible
@@ -395,7 +401,7 @@ class ProxyModel:
 
     # --- helpers ------------------------------------------------------------------------------------
     def _has_stepped(self) -> bool:
-        return any("exp_avg_sq" in self.optimizer.state.get(p, {}) for p in self._params)
+        return has_adam_moments(self.optimizer, self._params)
 
     @property
     def lora_weights(self) -> list[torch.Tensor]:
@@ -404,11 +410,9 @@ class ProxyModel:
 
     def feature_config(self, config: SpiceConfig) -> SpiceConfig:
         """``config`` as the proxy's gradient pass uses it: ``feature_norm="adam"`` needs the second moments
-        of the proxy's own optimizer, so before its first refresh step the proxy measures with ``"unit"``."""
-        if config.feature_norm == "adam" and not self._has_stepped():
-            logger.info("spice: the proxy's adapter has not stepped yet; feature_norm='adam' falls back to 'unit'")
-            return config.with_changes(feature_norm="unit")
-        return config
+        of the proxy's own optimizer, so before its first refresh step the proxy measures with ``"unit"``
+        (`spice_trainer.features.gradients.adam_or_unit`)."""
+        return adam_or_unit(config, self.optimizer, self._params)
 
 
 def _device_of(model: nn.Module | None) -> torch.device:
