@@ -1107,9 +1107,7 @@ def _check_eligible(eligible: Any, n: int, device: torch.device) -> torch.Tensor
     return eligible.to(device)
 
 
-def progress_bar(
-    total: int, show: bool, desc: str = "spice greedy", unit: str = "pick", *, leave: bool = True
-) -> Any:
+def progress_bar(total: int, show: bool, desc: str = "spice greedy", unit: str = "pick", *, leave: bool = True) -> Any:
     """A tqdm bar over ``total`` steps when ``show`` (and there is something to show), else `None`.
 
     The package's one progress-bar factory: the greedy picks, the gradient and loss batches

@@ -759,4 +759,3 @@ def _adam_denominators(
             "feature_norm='unit' before the first optimizer step"
         )
     return denoms
-
