@@ -42,7 +42,7 @@ def _by_hand(losses, tokens, max_token, finite, config, vocab):
         rest = sorted(float(losses[i]) for i in range(n) if i not in reasons)
         if rest:
             q = config.max_loss_quantile * (len(rest) - 1)  # torch.quantile's linear interpolation
-            lo, frac = int(math.floor(q)), q - math.floor(q)
+            lo, frac = math.floor(q), q - math.floor(q)
             cap = rest[lo] + (rest[min(lo + 1, len(rest) - 1)] - rest[lo]) * frac
             k = min(config.budget_count(n), len(rest))
             cap = max(cap, rest[k - 1])

@@ -46,6 +46,15 @@ def test_round_line_names_rows_stop_reason_seconds_and_exclusions() -> None:
     assert line.startswith("spice: round 2 at step 150 selected 5 (2 kept + 3 new) of 3,000 rows (stop: early stop)")
 
 
+def test_round_line_and_metrics_count_down_weighted_rows() -> None:
+    sel = _selection(seconds=1.0)
+    sel.down_weighted_rows, sel.down_weights = [9, 100, 7], [0.5, 0.1, 0.2]  # row 9 is one of the picks
+    assert reporting.round_line(sel, round_index=0).endswith("; 3 down-weighted as surprising labels (1 picked)")
+    metrics = reporting.round_metrics(sel, round_index=0)
+    assert metrics["spice/down_weighted"] == 3.0 and metrics["spice/down_weighted_picked"] == 1.0
+    assert "spice/down_weighted" not in reporting.round_metrics(_selection(), round_index=0)
+
+
 def test_metrics_and_stop_reason_codes() -> None:
     sel = _selection(seconds=2.0, solved_rows=4, loss_cap_rows=0, no_supervised_token_rows=0)
     metrics = reporting.round_metrics(sel, round_index=1)

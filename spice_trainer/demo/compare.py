@@ -262,7 +262,8 @@ def _pool_features(base_model: Any, candidates: Candidates, settings: TrainSetti
     from spice_trainer.features.gradients import compute_gradient_features
 
     model = fresh_adapter(base_model, settings, seed)
-    config = SpiceConfig()  # the default projection: the features SPICE sees
+    # The default projection on raw gradients: grad-norm ranks by the norm that unit features would erase.
+    config = SpiceConfig(feature_norm="none")
     start = time.perf_counter()
     grads = compute_gradient_features(model, candidates.dataset, config, candidates.collator, show_progress=False)
     reference = None

@@ -168,9 +168,10 @@ def shortlist(
     """The rows a cheap round measures again, in increasing row order.
 
     ``initial`` rows and the previous round's selection first, then the rows of largest remembered
-    ``‖g‖²`` among ``eligible`` ones (ties by the larger remembered loss, then by row index), then — when the loss guard leaves fewer eligible rows —
-    the unsolved ineligible rows of smallest remembered loss (just above the guard's cap), up to
-    ``m = max(⌈reselect_shortlist · n⌉, budget)`` rows in all (fewer when the pool has fewer measurable rows).
+    ``‖g‖²`` among ``eligible`` ones (ties by the larger remembered loss, then by row index), then (when the
+    loss guard leaves fewer eligible rows) the unsolved ineligible rows of smallest remembered loss (just
+    above the guard's cap), up to ``m = max(⌈reselect_shortlist · n⌉, budget)`` rows in all (fewer when the
+    pool has fewer measurable rows).
 
     Args:
         cache: a usable `FeatureCache`.

@@ -70,7 +70,8 @@ def round_line(selection: Selection, *, round_index: int | None = None, step: in
     """The console line of a round: rows chosen of the total, the stop reason in words, seconds, exclusions.
 
     Example: ``spice: round 0 selected 300 of 3,000 rows (stop: budget) in 12.3 s; excluded 40 solved,
-    12 no supervised token``. In mode ``"grow"`` the kept and new rows are told apart.
+    12 no supervised token; 210 down-weighted as surprising labels (3 picked)``. In mode ``"grow"`` the kept
+    and new rows are told apart.
     """
     meta = selection.metadata
     index = meta.get("round", 0) if round_index is None else round_index
@@ -90,6 +91,9 @@ def round_line(selection: Selection, *, round_index: int | None = None, step: in
     excluded = _excluded(meta)
     if excluded:
         line += "; excluded " + ", ".join(f"{count:,} {words}" for count, words in excluded)
+    if selection.down_weighted_rows:
+        picked = len(set(selection.down_weighted_rows) & set(selection.indices))
+        line += f"; {len(selection.down_weighted_rows):,} down-weighted as surprising labels ({picked:,} picked)"
     return line
 
 
@@ -111,6 +115,9 @@ def round_metrics(selection: Selection, *, round_index: int) -> dict[str, float]
     }
     for count, words in _excluded(meta):
         metrics["spice/excluded_" + words.replace(" ", "_").replace("-", "_")] = float(count)
+    if selection.down_weighted_rows:
+        metrics["spice/down_weighted"] = float(len(selection.down_weighted_rows))
+        metrics["spice/down_weighted_picked"] = float(len(set(selection.down_weighted_rows) & set(selection.indices)))
     for key in ("proxy_rank_corr", "proxy_overlap"):  # set by integrations/proxy_rounds.py
         if meta.get(key) is not None:
             metrics[f"spice/{key}"] = float(meta[key])
