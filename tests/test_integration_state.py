@@ -11,6 +11,7 @@ import trainer_world as tw
 from transformers import Trainer
 
 from spice_trainer import SpiceConfig, SpiceDataCallback
+from spice_trainer.features.fingerprint import tensor_bytes
 from spice_trainer.integrations.state import (
     CALLBACK_STATE_KEY,
     TRAINER_STATE_FILE,
@@ -151,6 +152,10 @@ def test_the_fingerprint_covers_every_row_and_column():
         assert dataset_fingerprint(changed) != base
     tensors = [{k: torch.tensor(v) for k, v in r.items()} for r in rows]
     assert dataset_fingerprint(tensors) != base  # the container is part of the identity
+    # A tensor is hashed by its dtype and bytes: the same bits as bfloat16 and as int16 are two datasets.
+    bits = torch.tensor([1, -2, 300], dtype=torch.int16)
+    assert tensor_bytes(bits.view(torch.bfloat16)) == tensor_bytes(bits) == bits.numpy().tobytes()
+    assert dataset_fingerprint([{"x": bits.view(torch.bfloat16)}]) != dataset_fingerprint([{"x": bits}])
     # A datasets.Dataset brings its own fingerprint: every transform changes it, a rebuild keeps it.
     data = datasets.Dataset.from_list(rows)
     assert dataset_fingerprint(data) == dataset_fingerprint(datasets.Dataset.from_list(rows))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["content_fingerprint", "dataset_fingerprint"]
+__all__ = ["content_fingerprint", "dataset_fingerprint", "tensor_bytes"]
 
 
 def dataset_fingerprint(dataset: Any) -> str:
@@ -64,14 +64,20 @@ def _update_row(h: Any, row: Any) -> None:
 
 def _update_value(h: Any, value: Any) -> None:
     if isinstance(value, torch.Tensor):
-        t = value.detach().to("cpu").contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        h.update(f"tensor{t.dtype}{tuple(t.shape)}:".encode())
-        h.update(t.numpy().tobytes())
+        h.update(f"tensor{value.dtype}{tuple(value.shape)}:".encode())
+        h.update(tensor_bytes(value))
     elif isinstance(value, np.ndarray):
         h.update(f"array{value.dtype}{value.shape}:".encode())
         h.update(np.ascontiguousarray(value).tobytes())
     else:
         h.update(repr(value).encode())
     h.update(b";")
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of ``t`` (on CPU, contiguous; bfloat16 read as int16, which numpy lacks): what every
+    fingerprint here and in `spice_trainer.features.store` hashes for a tensor."""
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from spice_trainer.config import SpiceConfig
-from spice_trainer.features.fingerprint import dataset_fingerprint
+from spice_trainer.features.fingerprint import dataset_fingerprint, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -412,13 +412,6 @@ def _qualname(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
-
-
 def _model_digest(model: Any) -> str:
     h = hashlib.sha256()
     h.update(type(model).__qualname__.encode())
@@ -435,7 +428,7 @@ def _model_digest(model: Any) -> str:
                 h.update(name.encode())
                 h.update(str(tuple(param.shape)).encode())
                 if flat.numel():
-                    h.update(_tensor_bytes(flat[::step][:64]))
+                    h.update(tensor_bytes(flat[::step][:64]))
     return h.hexdigest()
 
 
@@ -447,7 +440,7 @@ def _adapter_digest(model: Any) -> str:
                 if "lora_" in name:
                     h.update(name.encode())
                     h.update(str(tuple(param.shape)).encode())
-                    h.update(_tensor_bytes(param))
+                    h.update(tensor_bytes(param))
     return h.hexdigest()
 
 
@@ -461,7 +454,7 @@ def _optimizer_digest(optimizer: torch.optim.Optimizer | None) -> str | None:
             for key in ("exp_avg_sq", "step"):
                 value = state.get(key)
                 if isinstance(value, torch.Tensor):
-                    h.update(_tensor_bytes(value))
+                    h.update(tensor_bytes(value))
                 elif value is not None:
                     h.update(repr(value).encode())
     return h.hexdigest()
