@@ -6,12 +6,12 @@ Writes ``<out>/rank<r>.json`` with what this rank received.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from teardown import leave
 
 from spice_trainer.distributed import comm as sd
 
@@ -44,13 +44,7 @@ def main() -> None:
         ).tolist(),
     }
     (out / f"rank{r}.json").write_text(json.dumps(result))
-    # Tear gloo down together, then leave without the interpreter's teardown: gloo's threads still alive
-    # in static destructors abort an exit that had succeeded ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

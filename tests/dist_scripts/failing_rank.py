@@ -8,11 +8,11 @@ writes ``OUT/rank<r>.json`` with the exception it saw. Usage: ``failing_rank.py 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from teardown import leave
 from tiny import build, rows
 
 from spice_trainer import SpiceConfig
@@ -35,13 +35,7 @@ def main() -> None:
     # Still in step: one more collective succeeds on every rank.
     dist.barrier()
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(seen))
-    # Tear gloo down together, then leave without the interpreter's teardown: gloo's threads still alive
-    # in static destructors abort an exit that had succeeded ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ Each rank keeps only its own rows of each case's features and runs `distributed_
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 from greedy_cases import cases
+from teardown import leave
 
 from spice_trainer.distributed import comm as sd
 from spice_trainer.distributed.greedy import distributed_greedy
@@ -39,13 +39,7 @@ def main() -> None:
         )
         results[name] = selection.to_dict()
     (out / f"rank{sd.rank()}.json").write_text(json.dumps(results))
-    # Tear gloo down together, then leave without the interpreter's teardown: gloo's threads still alive
-    # in static destructors abort an exit that had succeeded ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

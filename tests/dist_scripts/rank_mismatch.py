@@ -14,12 +14,12 @@ plain lists (the content hash). Each rank writes ``OUT/rank<r>.json``: the error
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 from datasets import Dataset
+from teardown import leave
 from tiny import build, rows
 
 from spice_trainer import SpiceConfig
@@ -53,13 +53,7 @@ def main() -> None:
         seen = {"error": type(exc).__name__, "message": str(exc)}
     dist.barrier()  # still in step: every rank got here
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
-    # Tear gloo down together, then leave without the interpreter's teardown: gloo's threads still alive
-    # in static destructors abort an exit that had succeeded ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":
