@@ -659,3 +659,8 @@ def test_resume_with_cheap_reselection_reproduces_the_uninterrupted_run(tmp_path
         assert _history(callback) == _history(full_callback)
         later = range(k + 1, full.state.global_step + 1)
         assert [tw.losses(resumed)[s] for s in later] == [tw.losses(full)[s] for s in later]
+    # A reselection memory changed after the checkpoint was written is refused, naming the file.
+    memory = tmp_path / "full" / "checkpoint-2" / "spice_feature_cache.pt"
+    memory.write_bytes(memory.read_bytes()[:-7] + b"garbage")
+    with pytest.raises(CheckpointStateError, match=r"spice_feature_cache\.pt is not the file the checkpoint recorded"):
+        _run(tmp_path / "damaged", config, data, resume=tmp_path / "full" / "checkpoint-2", **common)

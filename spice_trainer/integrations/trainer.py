@@ -571,13 +571,7 @@ class SpiceDataCallback(TrainerCallback, ExportableState):
                     "reselect_shortlist; resume with the config the run had, or start a new run"
                 )
             return
-        path = folder / record["file"]
-        if not path.is_file() or file_sha256(path) != record["sha256"]:
-            raise CheckpointStateError(
-                f"{path} is {'missing' if not path.is_file() else 'not the file the checkpoint recorded'} (its "
-                f"{TRAINER_STATE_FILE} holds its SHA-256); the checkpoint was changed or damaged after it was "
-                "written: resume from another checkpoint, or start a new run"
-            )
+        path = _recorded_file(folder, record)
         try:
             cache = FeatureCache.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as err:
@@ -614,13 +608,7 @@ class SpiceDataCallback(TrainerCallback, ExportableState):
                     f"checkpoint {checkpoint!r} holds no proxy state, but this run selects with a proxy_model; "
                     "resume with the config the run had, or from a checkpoint written with the proxy"
                 )
-            path = folder / proxy["file"]
-            if not path.is_file() or file_sha256(path) != proxy["sha256"]:
-                raise CheckpointStateError(
-                    f"{path} is {'missing' if not path.is_file() else 'not the file the checkpoint recorded'} "
-                    f"(its {TRAINER_STATE_FILE} holds the proxy state's SHA-256); the checkpoint was changed or "
-                    "damaged after it was written: resume from another checkpoint, or start a new run"
-                )
+            _recorded_file(folder, proxy)
             load_state(folder)
         self._load_feature_cache(saved, Path(str(checkpoint)))
         self.sampler = SpiceSampler.from_state_dict(saved.sampler)
@@ -921,3 +909,19 @@ def source_rows(trainer: Trainer, dataset: Any, rows: Sequence[int]) -> list[int
 
 
 _install_add_callback_hook()
+
+
+def _recorded_file(folder: Path, record: dict[str, str]) -> Path:
+    """The checkpoint file ``record`` names (``{"file", "sha256"}``), checked against the SHA-256 recorded for it.
+
+    Raises:
+        CheckpointStateError: naming the file, when it is missing or is not the file the checkpoint recorded.
+    """
+    path = folder / record["file"]
+    if not path.is_file() or file_sha256(path) != record["sha256"]:
+        raise CheckpointStateError(
+            f"{path} is {'missing' if not path.is_file() else 'not the file the checkpoint recorded'} (its "
+            f"{TRAINER_STATE_FILE} holds its SHA-256); the checkpoint was changed or damaged after it was "
+            "written: resume from another checkpoint, or start a new run"
+        )
+    return path
