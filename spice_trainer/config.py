@@ -212,12 +212,16 @@ class SpiceConfig:
             _check_finite_float("min_loss", self.min_loss, minimum=0.0)
         if self.surprise_threshold is not None and self.surprise_threshold != "uniform":
             threshold = self.surprise_threshold
-            if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+            if (
+                isinstance(threshold, bool)
+                or not isinstance(threshold, int | float)
+                or not math.isfinite(threshold)
+                or threshold <= 0
+            ):
                 raise ValueError(
                     f"surprise_threshold must be 'uniform', a number of nats > 0 or None, got {threshold!r}; "
                     "'uniform' uses log(vocabulary size)"
                 )
-            _check_positive_float("surprise_threshold", threshold)
         if self.max_loss_quantile is not None:
             _check_finite_float("max_loss_quantile", self.max_loss_quantile, minimum=0.0)
             if not 0.0 < self.max_loss_quantile <= 1.0:

@@ -77,6 +77,12 @@ def test_flags_parse_into_a_config() -> None:
     assert config.write_reports is False
 
     assert _parse(["--spice_budget", "0.25"]).to_config().budget == 0.25
+    # A command line cannot tell 1 from 1.0: both are the whole pool (a one-row budget is never meant), as in
+    # SpiceConfig(budget=1.0); a count starts at 2.
+    for text in ("1", "1.0"):
+        whole = _parse(["--spice_budget", text]).to_config()
+        assert whole.budget == 1.0 and whole.budget_count(60) == 60
+    assert _parse(["--spice_budget", "2"]).to_config().budget_count(60) == 2
     assert _parse(["--spice_reselect_every_steps", "50"]).to_config().reselect_every_steps == 50
     assert _parse(["--spice_max_length", "128"]).to_config().max_length == 128
     assert _parse(["--use_spice", "false"]).callbacks() == []

@@ -125,6 +125,6 @@ def test_uniform_threshold_is_log_vocab_and_errors_name_the_fix() -> None:
         candidate_guards(losses, torch.tensor([1, 1]), SpiceConfig(), vocab_size=10)
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
         candidate_guards(losses, torch.tensor([1, 1, 1]), SpiceConfig(surprise_threshold=None))
-    for bad in ("log", -1.0, float("inf"), True):
-        with pytest.raises(ValueError, match="surprise_threshold"):
+    for bad in ("log", "unifrom", -1.0, 0, float("inf"), True):  # one message, listing what is valid
+        with pytest.raises(ValueError, match=r"surprise_threshold must be 'uniform', a number of nats > 0 or None"):
             SpiceConfig(surprise_threshold=bad)

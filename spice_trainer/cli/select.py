@@ -92,6 +92,24 @@ def check_columns(columns: list[str]) -> str:
     )
 
 
+def check_rows(dataset: Any, fmt: str) -> None:
+    """Every row has a usable value in each column its format needs (TRL fails on a missing one without naming it).
+
+    Raises:
+        CliError: naming the column, the first rows without a value (a missing key, ``null`` or empty) and the fix.
+    """
+    needed = next(cols for cols in ACCEPTED_COLUMNS if check_columns(list(cols)) == fmt)
+    for column in needed:
+        bad = [i for i, value in enumerate(dataset[column]) if value is None or len(value) == 0]
+        if bad:
+            shown = ", ".join(str(i) for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise CliError(
+                f"--dataset: {len(bad)} row(s) have no {column!r} (null, missing or empty): row(s) {shown} "
+                f"(0-based, in file order); fill them in or drop them before selecting (e.g. "
+                f"dataset.filter(lambda row: row[{column!r}]))"
+            )
+
+
 def save_selection_dataset(dataset: Any, out: Path, fmt: str) -> Path:
     """Write the selection dataset through `datasets` into ``out/selected/``: ``train.jsonl``, ``train.parquet``
     or a ``save_to_disk`` folder. A folder of its own, so that ``load_dataset("out/selected")`` (and TRL's
@@ -289,7 +307,7 @@ def run_select(args: argparse.Namespace, config: SpiceConfig) -> int:
         _quiet()
     try:
         dataset = load_rows(args.dataset, split=args.split, name=args.dataset_config)
-        check_columns(dataset.column_names)
+        check_rows(dataset, check_columns(dataset.column_names))
         try:
             config.budget_count(len(dataset))
         except ValueError as err:

@@ -9,7 +9,7 @@ One home for each field's default and help: both are read from `SpiceConfig` (it
 What this module adds is only how a value is *written* on a command line:
 
 - ``--spice_budget 0.1`` is a fraction of the pool, ``--spice_budget 500`` a count of rows (a whole number
-  >= 1; in YAML an int is a count too);
+  >= 2; in YAML an int is a count too), ``--spice_budget 1`` the whole pool;
 - ``--spice_reselect_every_steps 50`` selects every 50 optimizer steps, ``--spice_reselect_every_steps
   100,250,400`` at those steps (in YAML also a list);
 - a setting that can be switched off (``stop_ratio``, ``min_loss``, ``surprise_threshold``, ...) takes
@@ -83,7 +83,7 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SpiceConfig)}
 
 # How each field is written on a command line, appended to the config's own help.
 _FORMAT = {
-    "budget": "On the command line: a fraction below 1 (0.1) or a whole number of rows (500).",
+    "budget": "On the command line: a fraction up to 1 (0.1; 1 is the whole pool) or a whole number of rows (500).",
     "reselect_every_steps": "On the command line: N (every N optimizer steps), a comma-separated list of steps "
     "(100,250,400), or none.",
     "proxy_model": "On the command line: a local folder or a Hub id (downloaded unless HF_HUB_OFFLINE=1), or none.",
@@ -257,10 +257,10 @@ def _number(flag: str, text: str, kind: type) -> Any:
 
 
 def _budget(value: Any) -> float | int:
-    """A fraction below 1 stays a fraction; a whole number >= 1 is a count of rows (the `SpiceConfig` int form).
+    """A fraction up to 1 stays a fraction (1 is the whole pool); a whole number >= 2 is a count of rows.
 
-    ``1.0`` from a command line (``--spice_budget 1``) is one row, as in `TrainingArguments`' step/ratio fields;
-    select the whole pool with a fraction such as 0.999 or, better, train without SPICE (``--use_spice false``).
+    A command line cannot tell ``1`` from ``1.0`` (the flag is a float), and a one-row budget is never what is
+    meant there, so ``--spice_budget 1`` is the whole pool, as ``SpiceConfig(budget=1.0)`` is.
     """
     if isinstance(value, bool):
         raise ValueError(f"--spice_budget: expected a fraction such as 0.1 or a row count such as 500, got {value!r}")
@@ -271,10 +271,12 @@ def _budget(value: Any) -> float | int:
             raise ValueError(
                 f"--spice_budget: expected a fraction such as 0.1 or a row count such as 500, got {value!r}"
             ) from None
-    if isinstance(value, float) and value >= 1:
+    if isinstance(value, int | float) and value == 1:
+        return 1.0
+    if isinstance(value, float) and value > 1:
         if value != int(value):
             raise ValueError(
-                f"--spice_budget: {value!r} is neither a fraction below 1 nor a whole number of rows; "
+                f"--spice_budget: {value!r} is neither a fraction up to 1 nor a whole number of rows; "
                 f"pass e.g. {int(value)} rows or a fraction such as 0.1"
             )
         return int(value)
