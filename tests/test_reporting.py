@@ -50,6 +50,7 @@ def test_round_line_and_metrics_count_down_weighted_rows() -> None:
     sel = _selection(seconds=1.0)
     sel.down_weighted_rows, sel.down_weights = [9, 100, 7], [0.5, 0.1, 0.2]  # row 9 is one of the picks
     assert reporting.round_line(sel, round_index=0).endswith("; 3 down-weighted as surprising labels (1 picked)")
+    assert "down-weighted (surprising labels): 3 rows, 1 of them picked" in sel.summary()
     metrics = reporting.round_metrics(sel, round_index=0)
     assert metrics["spice/down_weighted"] == 3.0 and metrics["spice/down_weighted_picked"] == 1.0
     assert "spice/down_weighted" not in reporting.round_metrics(_selection(), round_index=0)

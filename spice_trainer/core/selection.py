@@ -117,6 +117,11 @@ class Selection:
         """Every selected row: ``initial`` followed by this round's picks."""
         return [*self.initial, *self.indices]
 
+    @property
+    def down_weighted_picks(self) -> int:
+        """How many of this round's picks are among ``down_weighted_rows``."""
+        return len(set(self.down_weighted_rows).intersection(self.indices))
+
     def weight_of(self, rows: Sequence[int]) -> list[float]:
         """The trust weight each of ``rows`` counted with (1.0 unless it is in ``down_weighted_rows``)."""
         weights = dict(zip(self.down_weighted_rows, self.down_weights, strict=True))
@@ -240,9 +245,9 @@ class Selection:
                 "  excluded: " + ", ".join(f"{len(rows)} {reason}" for reason, rows in self.excluded.items() if rows)
             )
         if self.down_weighted_rows:
-            picked = sum(1 for w in self.weight_of(self.indices) if w < 1.0)
             lines.append(
-                f"  down-weighted (surprising labels): {len(self.down_weighted_rows)} rows, {picked} of them picked"
+                f"  down-weighted (surprising labels): {len(self.down_weighted_rows)} rows, "
+                f"{self.down_weighted_picks} of them picked"
             )
         if k:
             mean_c = sum(self.conflicts) / k

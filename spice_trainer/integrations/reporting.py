@@ -92,8 +92,10 @@ def round_line(selection: Selection, *, round_index: int | None = None, step: in
     if excluded:
         line += "; excluded " + ", ".join(f"{count:,} {words}" for count, words in excluded)
     if selection.down_weighted_rows:
-        picked = len(set(selection.down_weighted_rows) & set(selection.indices))
-        line += f"; {len(selection.down_weighted_rows):,} down-weighted as surprising labels ({picked:,} picked)"
+        line += (
+            f"; {len(selection.down_weighted_rows):,} down-weighted as surprising labels "
+            f"({selection.down_weighted_picks:,} picked)"
+        )
     return line
 
 
@@ -117,7 +119,7 @@ def round_metrics(selection: Selection, *, round_index: int) -> dict[str, float]
         metrics["spice/excluded_" + words.replace(" ", "_").replace("-", "_")] = float(count)
     if selection.down_weighted_rows:
         metrics["spice/down_weighted"] = float(len(selection.down_weighted_rows))
-        metrics["spice/down_weighted_picked"] = float(len(set(selection.down_weighted_rows) & set(selection.indices)))
+        metrics["spice/down_weighted_picked"] = float(selection.down_weighted_picks)
     for key in ("proxy_rank_corr", "proxy_overlap"):  # set by integrations/proxy_rounds.py
         if meta.get(key) is not None:
             metrics[f"spice/{key}"] = float(meta[key])
