@@ -259,11 +259,11 @@ def test_select_errors_name_the_problem(saved_model: Path, tmp_path: Path, capsy
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
     err = run(str(bad))
     assert "['answer', 'question']" in err and "'prompt' and 'completion'" in err and "'text'" in err
-    # A row without a completion (missing key, null or empty): TRL's own preparation failed on it with an
+    # A row without a completion (missing key or null): TRL's own preparation failed on it with an
     # AttributeError naming no row.
-    holes = [{"prompt": "add 1 2 =", "completion": " 3"}, {"prompt": "add 2 2 ="}, {"prompt": "x", "completion": ""}]
+    holes = [{"prompt": "add 1 2 =", "completion": " 3"}, {"prompt": "add 2 2 ="}, {"prompt": "x", "completion": None}]
     err = run(str(_write_jsonl(tmp_path / "holes.jsonl", holes)))
-    assert "2 row(s) have no 'completion' (null, missing or empty): row(s) 1, 2" in err and "drop them" in err
+    assert "2 row(s) have no 'completion' (missing or null): row(s) 1, 2" in err and "drop them" in err
     good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "add 1 2 =", "completion": " 3"}])
     assert "nomodel is not a local model directory (no such folder)" in run(str(good), str(tmp_path / "nomodel"))
     assert "forbids downloading it" in run(str(good), "someone/not-cached")

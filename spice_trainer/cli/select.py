@@ -76,37 +76,38 @@ def _split(loaded: Any, split: str, source: str) -> Any:
     return loaded[split]
 
 
-def check_columns(columns: list[str]) -> str:
-    """The dataset's format in TRL's terms (``"text"``, ``"messages"``, ``"prompt-completion"``, ``"tokenized"``).
+def check_columns(columns: list[str]) -> tuple[str, ...]:
+    """The columns of the format TRL's SFTTrainer will read (one of `ACCEPTED_COLUMNS`).
 
     Raises:
         CliError: naming the columns found and the ones TRL's SFTTrainer accepts.
     """
-    names = {"text": "text", "messages": "messages", "prompt": "prompt-completion", "input_ids": "tokenized"}
     for needed in ACCEPTED_COLUMNS:
         if all(c in columns for c in needed):
-            return names[needed[0]]
+            return needed
     raise CliError(
         f"--dataset: found columns {sorted(columns)}, but TRL's SFTTrainer (which prepares the rows) needs 'text', "
         "'messages' (a conversation), 'prompt' and 'completion' (text or conversational), or tokenised 'input_ids'"
     )
 
 
-def check_rows(dataset: Any, fmt: str) -> None:
-    """Every row has a usable value in each column its format needs (TRL fails on a missing one without naming it).
+def check_rows(dataset: Any, columns: tuple[str, ...]) -> None:
+    """Every row has a value in each of ``columns`` (TRL's preparation fails on a missing one without naming it).
+
+    An empty value is a value: an empty prompt is legitimate, and a row with nothing to learn is skipped and
+    counted by the selection itself.
 
     Raises:
-        CliError: naming the column, the first rows without a value (a missing key, ``null`` or empty) and the fix.
+        CliError: naming the column, the first rows without a value (a missing key or ``null``) and the fix.
     """
-    needed = next(cols for cols in ACCEPTED_COLUMNS if check_columns(list(cols)) == fmt)
-    for column in needed:
-        bad = [i for i, value in enumerate(dataset[column]) if value is None or len(value) == 0]
+    for column in columns:
+        bad = [i for i, value in enumerate(dataset[column]) if value is None]
         if bad:
             shown = ", ".join(str(i) for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise CliError(
-                f"--dataset: {len(bad)} row(s) have no {column!r} (null, missing or empty): row(s) {shown} "
-                f"(0-based, in file order); fill them in or drop them before selecting (e.g. "
-                f"dataset.filter(lambda row: row[{column!r}]))"
+                f"--dataset: {len(bad)} row(s) have no {column!r} (missing or null): row(s) {shown} (0-based, in "
+                f"file order); fill them in or drop them before selecting (e.g. "
+                f"dataset.filter(lambda row: row[{column!r}] is not None))"
             )
 
 
