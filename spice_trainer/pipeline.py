@@ -62,11 +62,6 @@ def row_guards(grads: GradientFeatures, config: SpiceConfig) -> Guards:
     )
 
 
-def eligible_rows(grads: GradientFeatures, config: SpiceConfig) -> torch.Tensor:
-    """``(n,)`` bool: the rows `row_guards` lets the greedy pick."""
-    return row_guards(grads, config).eligible
-
-
 def select(
     model: Any,
     dataset: Any,
@@ -82,7 +77,7 @@ def select(
     """Select a subset of ``dataset`` with SPICE using ``model``'s LoRA gradients.
 
     Computes per-example projected adapter gradients (`compute_gradient_features`), excludes rows
-    that cannot be trusted (`eligible_rows`), and runs the greedy of `select_from_features`.
+    that cannot be picked and weights the rest (`row_guards`), and runs the greedy of `select_from_features`.
 
     Args:
         model: a PEFT LoRA causal LM (the live model or a proxy of the same family).
@@ -195,7 +190,7 @@ def _guarded_features(
 ) -> tuple[GradientFeatures, torch.Tensor]:
     """Losses first, gradients only where they can matter: the same selection for less work.
 
-    With a loss guard on, only the rows `eligible_rows` admits (and the ``initial`` rows) can influence the
+    With a loss guard on, only the rows the guards admit (and the ``initial`` rows) can influence the
     greedy, and eligibility depends on the losses alone. So a forward pass over the pool (`compute_losses`, no
     backward) decides eligibility, and the gradient pass runs on the eligible and initial rows only. The other
     rows' features are never read by the greedy: they are returned as zeros (NaN where the gradient pass would
@@ -367,8 +362,9 @@ def _select_sharded(
        store chunks when a store is used).
     2. Features of those rows: `compute_gradient_features(..., indices=rows)`, or through the store:
        chunks already complete are read back, the others computed and written (`FeatureStore.fill`).
-    3. Losses and token counts are all-gathered (``n`` numbers), so every rank computes the same
-       `eligible_rows` mask (the loss-quantile guard needs the whole pool).
+    3. Losses, token counts and largest token losses are all-gathered (``n`` numbers each), so every rank
+       computes the same eligibility and trust weights (`candidate_guards`: the loss-quantile guard needs the
+       whole pool).
     4. Greedy: ``"gather"`` (all-gather the ``(n, d)`` features, then `select_from_features`: any greedy
        regime) while ``n · d · 4`` bytes fit under `spice_trainer.distributed.gather_limit_bytes`, else the
        distributed exact greedy (`spice_trainer.distributed.greedy.distributed_greedy`). Stochastic and pooled
@@ -616,7 +612,7 @@ def _warn_exclusions(guards: Guards) -> None:
 
 
 def no_selection_message(selection: Selection, config: SpiceConfig, num_rows: int) -> str:
-    """Why a round picked no row, from its metadata (`_round_metadata`), with the fix for the main cause."""
+    """Why a round picked no row, from its metadata (`_record_round`), with the fix for the main cause."""
     meta = selection.metadata
     no_tokens = int(meta.get("no_supervised_token_rows") or 0)
     parts = [

@@ -730,7 +730,7 @@ def _check_subset_fills_a_batch(trainer: Trainer, rows: int, *, planned: bool = 
             f"{what}, fewer than one batch (per_device_train_batch_size={args.per_device_train_batch_size} x "
             f"{max(args.world_size, 1)} processes = {batch}); with dataloader_drop_last=True the trainer would drop "
             "them all and train no step. Set dataloader_drop_last=False, lower per_device_train_batch_size, or "
-            "select more rows (a larger budget, or stop_ratio=None)"
+            "select more rows (a larger budget, or stop_rule='none' to fill it)"
         )
 
 
