@@ -784,8 +784,8 @@ def select_from_features(
     Maximises ``score_x = Δ_x(S) − λ c_x(S)`` one pick at a time, with
     ``Δ_x(S) = log(1 + α g_xᵀ (I + α F_S)⁻¹ g_x)`` evaluated exactly (no ``n × n`` kernel) and
     ``c_x(S) = max(0, −cos(g_x, ḡ_S))``. ``α`` = ``config.fisher_scale``, ``λ`` = ``config.conflict_weight``,
-    ``ω`` = ``config.stop_ratio``. Feature normalisation and loss guards are *not* applied here (the gradient
-    stage and the pipeline do that).
+    the stopping rule ``config.stop_rule`` (`spice_trainer.core.stopping.stopping_rule`). Feature normalisation,
+    the guards and the trust weights are *not* applied here (the gradient stage and the pipeline do that).
 
     Regimes (``config.greedy``, `REGIMES`):
 
@@ -814,7 +814,8 @@ def select_from_features(
     Args:
         features: ``(n, d)`` float32/float64/bfloat16/float16 features, on CPU or CUDA; all the work stays
             on ``features.device`` (state in float64).
-        config: uses ``budget``, ``fisher_scale``, ``conflict_weight``, ``stop_ratio``, ``stop_on``, ``greedy``,
+        config: uses ``budget``, ``fisher_scale``, ``conflict_weight``, ``stop_rule``, ``plateau_ratio``,
+            ``stop_ratio``, ``stop_on``, ``greedy``,
             ``exact_search``, ``stochastic_epsilon``, ``pool_size``, ``picks_per_pool``, ``seed``.
         initial: rows already selected (mode ``"grow"``), inserted into ``S`` first in the given order; they
             are never re-picked, not recorded as picks, and count towards the budget (if they already fill

@@ -275,9 +275,9 @@ class ProxyModel:
         on the picks of pools ``p − T + 1 .. p`` (skipped when they picked nothing). So ``P_visited`` pools
         give ``⌊(P_visited − 1) / T⌋`` steps at most.
 
-        Early stopping (``ω`` = ``config.stop_ratio``) ends a pool's picks when the watched gain is
-        ``≤ ω ·`` the reference (``reference_gain``, or this run's first pick's ``Δ``), and the stream goes
-        on — as in `select_from_features` with ``greedy="pooled"``, which this equals when no refresh
+        Early stopping (the configured rule, `spice_trainer.core.stopping.stopping_rule`) ends a pool's picks
+        when it fires (the ratio rule against ``reference_gain``, or this run's first pick's ``Δ``), and the
+        stream goes on — as in `select_from_features` with ``greedy="pooled"``, which this equals when no refresh
         happens. Under ``torch.distributed`` every rank runs the stream (the proxy is not sharded) and
         rank 0's selection is broadcast, so all ranks agree.
 
